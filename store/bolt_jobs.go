@@ -1,0 +1,614 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// loadJob reads a job record inside tx.
+func (s *boltStore) loadJob(tx *bolt.Tx, id rawID) (*Job, error) {
+	v := tx.Bucket(bucketJobs).Get(id[:])
+	if v == nil {
+		return nil, ErrNotFound
+	}
+	return decodeJob(v)
+}
+
+// write stores j as the next version of prev (nil for a new job): it sets seq and timestamps,
+// checks the limits before touching anything, stores the record and its event, compacts the
+// event log, and keeps the indexes in step. It returns the event to publish after the commit.
+func (s *boltStore) write(tx *bolt.Tx, prev, j *Job, now time.Time) (Event, error) {
+	if !j.State.Valid() {
+		return Event{}, fmt.Errorf("%w: unknown state %q", ErrInvalid, j.State)
+	}
+	if prev != nil && prev.State == Running && j.State == Queued {
+		return Event{}, fmt.Errorf("%w: a running job cannot go back to queued", ErrInvalid)
+	}
+	if j.Progress != nil && len(j.Progress.Data) > s.opts.MaxDataSize {
+		return Event{}, &LimitError{Limit: "max_data_size", Max: int64(s.opts.MaxDataSize), Size: int64(len(j.Progress.Data))}
+	}
+	j.Seq = 1
+	if prev != nil {
+		j.Seq = prev.Seq + 1
+	}
+	j.UpdatedAt = now
+	if j.State != Queued {
+		j.QueuePosition = nil
+		if j.StartedAt == nil && j.State == Running {
+			j.StartedAt = &now
+		}
+	}
+	kind := KindProgress
+	if j.State.Terminal() {
+		kind = KindDone
+		expires := now.Add(s.opts.Retain)
+		j.FinishedAt, j.ExpiresAt, j.ETASeconds = &now, &expires, nil
+	}
+	doc, err := json.Marshal(j)
+	if err != nil {
+		return Event{}, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if len(doc) > s.opts.MaxEventSize {
+		return Event{}, &LimitError{Limit: "max_event_size", Max: int64(s.opts.MaxEventSize), Size: int64(len(doc))}
+	}
+	rec, err := encodeJob(j, doc)
+	if err != nil {
+		return Event{}, err
+	}
+	id, _ := parseID(j.ID)
+	if err := tx.Bucket(bucketJobs).Put(id[:], rec); err != nil {
+		return Event{}, err
+	}
+	events := tx.Bucket(bucketEvents)
+	if err := events.Put(eventKey(id, j.Seq), encodeEvent(kind, doc)); err != nil {
+		return Event{}, err
+	}
+	if keep := uint64(s.opts.MaxEventsPerJob); j.Seq > keep {
+		if err := events.Delete(eventKey(id, j.Seq-keep)); err != nil {
+			return Event{}, err
+		}
+	}
+	if err := s.index(tx, prev, j, id); err != nil {
+		return Event{}, err
+	}
+	return Event{JobID: j.ID, Seq: j.Seq, Kind: kind, Data: doc}, nil
+}
+
+// index keeps the active, expiry, owner and idempotency indexes in step with a job's change.
+func (s *boltStore) index(tx *bolt.Tx, prev, j *Job, id rawID) error {
+	if prev != nil && prev.State == j.State {
+		return nil
+	}
+	state := []byte{stateByte(j.State)}
+	if err := tx.Bucket(bucketOwners).Put(ownerKey(j.OwnerHash, j.CreatedAt, id), state); err != nil {
+		return err
+	}
+	if prev == nil {
+		if j.idemHash != nil {
+			if err := tx.Bucket(bucketIdem).Put(idemKey(j.OwnerHash, j.idemHash), id[:]); err != nil {
+				return err
+			}
+		}
+	}
+	if !j.State.Terminal() {
+		return tx.Bucket(bucketActive).Put(id[:], nil)
+	}
+	if err := tx.Bucket(bucketActive).Delete(id[:]); err != nil {
+		return err
+	}
+	return tx.Bucket(bucketExpiry).Put(expiryKey(*j.ExpiresAt, id), nil)
+}
+
+// stateByte is a job's state as the owner index stores it, so listings filter without
+// decoding job records.
+func stateByte(s State) byte {
+	switch s {
+	case Queued:
+		return 'q'
+	case Running:
+		return 'r'
+	case Succeeded:
+		return 's'
+	case Failed:
+		return 'f'
+	}
+	return 'c'
+}
+
+func (s *boltStore) Create(ctx context.Context, spec NewJob) (*Job, bool, error) {
+	if spec.Request.Method == "" {
+		return nil, false, fmt.Errorf("%w: request method missing", ErrInvalid)
+	}
+	base := spec.BasePath
+	if base == "" {
+		base = DefaultBasePath
+	}
+	_, idText := newID()
+	fresh := &Job{
+		ID: idText, State: Queued, Request: spec.Request, Links: linksFor(base, idText),
+		OwnerHash: s.OwnerHash(spec.Owner), Route: spec.Route, Attrs: spec.Attrs,
+		fingerprint: cloneBytes(spec.Fingerprint),
+	}
+	if spec.IdempotencyKey != "" {
+		fresh.idemHash = keyedHash(s.idemKey, spec.IdempotencyKey)
+	}
+	var (
+		out     *Job
+		created bool
+		ev      Event
+	)
+	apply := func(tx *bolt.Tx) error {
+		out, created = nil, false
+		if fresh.idemHash != nil {
+			if existing := tx.Bucket(bucketIdem).Get(idemKey(fresh.OwnerHash, fresh.idemHash)); existing != nil {
+				var eid rawID
+				copy(eid[:], existing)
+				j, err := s.loadJob(tx, eid)
+				if err != nil {
+					return err
+				}
+				if !bytes.Equal(j.fingerprint, fresh.fingerprint) {
+					return ErrIdempotencyMismatch
+				}
+				out = j
+				return nil
+			}
+		}
+		j := fresh.clone()
+		j.CreatedAt = time.Now().UTC()
+		var err error
+		if ev, err = s.write(tx, nil, j, j.CreatedAt); err != nil {
+			return err
+		}
+		out, created = j, true
+		return nil
+	}
+	published := func() {
+		if created {
+			s.feed.publish(ev)
+		}
+	}
+	if err := s.commits.do(apply, published); err != nil {
+		return nil, false, err
+	}
+	return out.clone(), created, nil
+}
+
+func (s *boltStore) Get(ctx context.Context, id string) (*Job, error) {
+	rid, ok := parseID(id)
+	if !ok {
+		return nil, ErrNotFound
+	}
+	var j *Job
+	err := s.db.View(func(tx *bolt.Tx) error {
+		var err error
+		j, err = s.loadJob(tx, rid)
+		return err
+	})
+	return j, err
+}
+
+// change runs a read-modify-write of one job as a group-committed write: mutate sees a copy of
+// the current document. It is the one path by which an existing job changes.
+func (s *boltStore) change(id string, mutate func(tx *bolt.Tx, prev, j *Job) error) (job *Job, changed bool, err error) {
+	rid, ok := parseID(id)
+	if !ok {
+		return nil, false, ErrNotFound
+	}
+	var ev Event
+	apply := func(tx *bolt.Tx) error {
+		job, changed = nil, false
+		prev, err := s.loadJob(tx, rid)
+		if err != nil {
+			return err
+		}
+		j := prev.clone()
+		switch err := mutate(tx, prev, j); {
+		case errors.Is(err, ErrNoChange):
+			job = prev
+			return nil
+		case err != nil:
+			return err
+		}
+		// What identifies a job is not the mutator's to change.
+		j.ID, j.Request, j.Links, j.CreatedAt = prev.ID, prev.Request, prev.Links, prev.CreatedAt
+		j.OwnerHash, j.idemHash, j.fingerprint = prev.OwnerHash, prev.idemHash, prev.fingerprint
+		if ev, err = s.write(tx, prev, j, time.Now().UTC()); err != nil {
+			return err
+		}
+		job, changed = j, true
+		return nil
+	}
+	published := func() {
+		if changed {
+			s.feed.publish(ev)
+		}
+	}
+	if err := s.commits.do(apply, published); err != nil {
+		return nil, false, err
+	}
+	return job.clone(), changed, nil
+}
+
+func (s *boltStore) Update(ctx context.Context, id string, mutate func(*Job) error) (*Job, error) {
+	job, _, err := s.change(id, func(_ *bolt.Tx, prev, j *Job) error {
+		if prev.State.Terminal() {
+			return ErrFinished
+		}
+		return mutate(j)
+	})
+	return job, err
+}
+
+func (s *boltStore) Cancel(ctx context.Context, id string) (*Job, bool, error) {
+	return s.change(id, func(_ *bolt.Tx, prev, j *Job) error {
+		if prev.State.Terminal() {
+			return ErrNoChange
+		}
+		j.State = Canceled
+		return nil
+	})
+}
+
+func (s *boltStore) Finish(ctx context.Context, id string, out Outcome) (*Job, error) {
+	var rw *resultWriter
+	if out.Body != nil {
+		var ok bool
+		if rw, ok = out.Body.(*resultWriter); !ok || rw.store != s || rw.id != id {
+			return nil, fmt.Errorf("%w: result writer from another store or job", ErrInvalid)
+		}
+	}
+	if !out.State.Terminal() {
+		rw.Discard()
+		return nil, fmt.Errorf("%w: finish in non-terminal state %q", ErrInvalid, out.State)
+	}
+	if out.Response == nil && rw != nil {
+		rw.Discard()
+		return nil, fmt.Errorf("%w: result body without a response", ErrInvalid)
+	}
+	var head resultHead
+	var inline []byte
+	if out.Response != nil {
+		if out.Response.Status < 100 || out.Response.Status > 999 {
+			rw.Discard()
+			return nil, fmt.Errorf("%w: response status %d", ErrInvalid, out.Response.Status)
+		}
+		head = resultHead{Status: out.Response.Status, Header: storableHeader(out.Response.Header)}
+		if rw != nil {
+			var err error
+			if inline, err = rw.seal(); err != nil {
+				rw.Discard()
+				return nil, err
+			}
+			head.Size, head.File = rw.size, rw.sealed
+		}
+	}
+	job, _, err := s.change(id, func(tx *bolt.Tx, prev, j *Job) error {
+		if prev.State.Terminal() {
+			return ErrFinished
+		}
+		j.State, j.Error = out.State, out.Error
+		if out.Response != nil {
+			rec, err := encodeResult(head, inline)
+			if err != nil {
+				return err
+			}
+			rid, _ := parseID(id)
+			if err := tx.Bucket(bucketResults).Put(rid[:], rec); err != nil {
+				return err
+			}
+			j.Response = &ResponseInfo{Status: head.Status, ContentType: head.Header.Get("Content-Type"), ContentLength: head.Size}
+		}
+		return nil
+	})
+	if err != nil {
+		rw.Discard()
+		return nil, err
+	}
+	if rw != nil {
+		rw.settled = true
+	}
+	return job, nil
+}
+
+func (s *boltStore) Delete(ctx context.Context, id string) error {
+	rid, ok := parseID(id)
+	if !ok {
+		return ErrNotFound
+	}
+	trash, err := s.trashResult(id)
+	if err != nil {
+		return err
+	}
+	err = s.commits.do(func(tx *bolt.Tx) error {
+		return s.deleteJob(tx, rid)
+	}, func() { s.feed.fail(id, ErrNotFound) })
+	if err != nil {
+		restoreTrash(trash, s.resultPath(id))
+		return err
+	}
+	return removeIfExists(trash)
+}
+
+// deleteJob removes a job, its events, its result head and its index entries. The result
+// file, if any, is the caller's to remove.
+func (s *boltStore) deleteJob(tx *bolt.Tx, id rawID) error {
+	j, err := s.loadJob(tx, id)
+	if err != nil {
+		return err
+	}
+	if err := tx.Bucket(bucketJobs).Delete(id[:]); err != nil {
+		return err
+	}
+	// Collect, then delete: deleting under a moving bbolt cursor can skip keys.
+	var keys [][]byte
+	c := tx.Bucket(bucketEvents).Cursor()
+	for k, _ := c.Seek(eventKey(id, 0)); k != nil && bytes.HasPrefix(k, id[:]); k, _ = c.Next() {
+		keys = append(keys, k)
+	}
+	for _, k := range keys {
+		if err := tx.Bucket(bucketEvents).Delete(k); err != nil {
+			return err
+		}
+	}
+	if err := tx.Bucket(bucketResults).Delete(id[:]); err != nil {
+		return err
+	}
+	if err := tx.Bucket(bucketOwners).Delete(ownerKey(j.OwnerHash, j.CreatedAt, id)); err != nil {
+		return err
+	}
+	if j.idemHash != nil {
+		idem := tx.Bucket(bucketIdem)
+		k := idemKey(j.OwnerHash, j.idemHash)
+		if bytes.Equal(idem.Get(k), id[:]) {
+			if err := idem.Delete(k); err != nil {
+				return err
+			}
+		}
+	}
+	if err := tx.Bucket(bucketActive).Delete(id[:]); err != nil {
+		return err
+	}
+	if j.ExpiresAt != nil {
+		return tx.Bucket(bucketExpiry).Delete(expiryKey(*j.ExpiresAt, id))
+	}
+	return nil
+}
+
+const (
+	defaultListLimit = 50
+	maxListLimit     = 1000
+)
+
+func (s *boltStore) List(ctx context.Context, q ListQuery) (ListPage, error) {
+	limit := q.Limit
+	if limit <= 0 {
+		limit = defaultListLimit
+	}
+	limit = min(limit, maxListLimit)
+	if q.State != "" && !q.State.Valid() {
+		return ListPage{}, fmt.Errorf("%w: unknown state %q", ErrInvalid, q.State)
+	}
+	cursor, err := idEncoding.DecodeString(q.Cursor)
+	if err != nil {
+		return ListPage{}, fmt.Errorf("%w: malformed cursor", ErrInvalid)
+	}
+	var page ListPage
+	err = s.db.View(func(tx *bolt.Tx) error {
+		if q.Owner != nil {
+			return s.listOwner(tx, s.OwnerHash(*q.Owner), q.State, cursor, limit, &page)
+		}
+		return s.listAll(tx, q.State, cursor, limit, &page)
+	})
+	return page, err
+}
+
+// listOwner walks the owner index newest first; cursor is the created‖id suffix of the last
+// key of the previous page.
+func (s *boltStore) listOwner(tx *bolt.Tx, owner []byte, state State, cursor []byte, limit int, page *ListPage) error {
+	// Position on the first key past the page's start, then step back onto the start: the
+	// cursor key itself is the last of the previous page; with no cursor, start past the
+	// owner's newest key.
+	start := cursor
+	if len(start) == 0 {
+		start = bytes.Repeat([]byte{0xff}, timeLen+idLen)
+	} else if len(start) != timeLen+idLen {
+		return fmt.Errorf("%w: malformed cursor", ErrInvalid)
+	}
+	c := tx.Bucket(bucketOwners).Cursor()
+	var k, v []byte
+	if k, _ = c.Seek(append(append([]byte(nil), owner...), start...)); k == nil {
+		k, v = c.Last()
+	} else {
+		k, v = c.Prev()
+	}
+	var lastKey []byte
+	for ; k != nil && bytes.HasPrefix(k, owner); k, v = c.Prev() {
+		if state != "" && (len(v) != 1 || v[0] != stateByte(state)) {
+			continue
+		}
+		if len(page.Jobs) == limit {
+			page.Next = idEncoding.EncodeToString(lastKey[hashLen:])
+			return nil
+		}
+		id, err := decodeOwnerKey(k)
+		if err != nil {
+			return err
+		}
+		j, err := s.loadJob(tx, id)
+		if err != nil {
+			return err
+		}
+		page.Jobs = append(page.Jobs, j)
+		lastKey = append(lastKey[:0], k...)
+	}
+	return nil
+}
+
+// listAll walks every job in id order; cursor is the last id of the previous page.
+func (s *boltStore) listAll(tx *bolt.Tx, state State, cursor []byte, limit int, page *ListPage) error {
+	c := tx.Bucket(bucketJobs).Cursor()
+	k, v := c.First()
+	if len(cursor) > 0 {
+		k, v = c.Seek(cursor)
+		if bytes.Equal(k, cursor) {
+			k, v = c.Next()
+		}
+	}
+	for ; k != nil; k, v = c.Next() {
+		j, err := decodeJob(v)
+		if err != nil {
+			return err
+		}
+		if state != "" && j.State != state {
+			continue
+		}
+		if len(page.Jobs) == limit {
+			last, _ := parseID(page.Jobs[limit-1].ID)
+			page.Next = idEncoding.EncodeToString(last[:])
+			return nil
+		}
+		page.Jobs = append(page.Jobs, j)
+	}
+	return nil
+}
+
+func (s *boltStore) Events(ctx context.Context, id string, after uint64, limit int) ([]Event, error) {
+	rid, ok := parseID(id)
+	if !ok {
+		return nil, ErrNotFound
+	}
+	var evs []Event
+	err := s.db.View(func(tx *bolt.Tx) error {
+		var err error
+		evs, err = s.readEvents(tx, rid, id, after, limit)
+		return err
+	})
+	return evs, err
+}
+
+// readEvents reads up to limit events after seq `after` with one cursor seek. The documents are
+// copied out of the memory map into one shared buffer, so a page costs two allocations.
+func (s *boltStore) readEvents(tx *bolt.Tx, rid rawID, id string, after uint64, limit int) ([]Event, error) {
+	if tx.Bucket(bucketJobs).Get(rid[:]) == nil {
+		return nil, ErrNotFound
+	}
+	if limit <= 0 {
+		return nil, nil
+	}
+	c := tx.Bucket(bucketEvents).Cursor()
+	k, v := c.Seek(eventKey(rid, after+1))
+	if k == nil || !bytes.HasPrefix(k, rid[:]) {
+		return nil, nil // nothing after `after`
+	}
+	if _, seq, _ := decodeEventKey(k); seq != after+1 {
+		// Events after `after` were compacted away: hand over the current document alone.
+		for {
+			nk, nv := c.Next()
+			if nk == nil || !bytes.HasPrefix(nk, rid[:]) {
+				break
+			}
+			k, v = nk, nv
+		}
+		limit = 1
+	}
+	type span struct {
+		seq  uint64
+		kind EventKind
+		from int
+		to   int
+	}
+	var spans []span
+	var buf []byte
+	for ; k != nil && len(spans) < limit && bytes.HasPrefix(k, rid[:]); k, v = c.Next() {
+		_, seq, err := decodeEventKey(k)
+		if err != nil {
+			return nil, err
+		}
+		kind, doc, err := decodeEvent(v)
+		if err != nil {
+			return nil, fmt.Errorf("%w (job %s seq %d)", err, id, seq)
+		}
+		spans = append(spans, span{seq, kind, len(buf), len(buf) + len(doc)})
+		buf = append(buf, doc...)
+	}
+	evs := make([]Event, len(spans))
+	for i, sp := range spans {
+		evs[i] = Event{JobID: id, Seq: sp.seq, Kind: sp.kind, Data: buf[sp.from:sp.to:sp.to]}
+	}
+	return evs, nil
+}
+
+func (s *boltStore) Subscribe(ctx context.Context, id string, after uint64) (Subscription, error) {
+	if _, ok := parseID(id); !ok {
+		return nil, ErrNotFound
+	}
+	t, err := s.feed.watch(id)
+	if err != nil {
+		return nil, err
+	}
+	// Watch first, read second: whatever commits after this read is published to the topic.
+	job, err := s.Get(ctx, id)
+	if err != nil {
+		s.feed.unwatch(id, t)
+		return nil, err
+	}
+	after = min(after, job.Seq) // a cursor from the future: follow from now
+	sub := newSubscription(s.feed, t, id, after, func(ctx context.Context, after uint64, limit int) ([]Event, error) {
+		return s.Events(ctx, id, after, limit)
+	})
+	if job.State.Terminal() && after == job.Seq {
+		sub.ended = true // the client has seen the done event
+	}
+	return sub, nil
+}
+
+func (s *boltStore) Wait(ctx context.Context, id string, after uint64) (Event, error) {
+	rid, ok := parseID(id)
+	if !ok {
+		return Event{}, ErrNotFound
+	}
+	t, err := s.feed.watch(id)
+	if err != nil {
+		return Event{}, err
+	}
+	defer s.feed.unwatch(id, t)
+	var current Event
+	err = s.db.View(func(tx *bolt.Tx) error {
+		j, err := s.loadJob(tx, rid)
+		if err != nil || j.Seq <= after {
+			return err
+		}
+		evs, err := s.readEvents(tx, rid, id, j.Seq-1, 1)
+		if err == nil && len(evs) == 1 {
+			current = evs[0]
+		}
+		return err
+	})
+	if err != nil {
+		return Event{}, err
+	}
+	if current.Seq > after {
+		return current, nil
+	}
+	for {
+		ev, ok, wait, err := t.newest(after)
+		if err != nil {
+			return Event{}, err
+		}
+		if ok {
+			return ev, nil
+		}
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return Event{}, ctx.Err()
+		}
+	}
+}

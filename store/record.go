@@ -1,0 +1,215 @@
+package store
+
+import (
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+)
+
+// This file holds the encodings of stored keys and records, so that every decoder of what is
+// on disk sits in one place (and is fuzzed in record_fuzz_test.go).
+
+const (
+	idLen      = 16 // random bytes in a job id: 128 bits
+	idTextLen  = 22 // base64url, unpadded
+	hashLen    = 32 // HMAC-SHA256
+	seqLen     = 8
+	timeLen    = 8
+	recVersion = 1
+)
+
+var idEncoding = base64.RawURLEncoding
+
+type rawID [idLen]byte
+
+func newID() (rawID, string) {
+	var id rawID
+	if _, err := rand.Read(id[:]); err != nil {
+		panic(err) // crypto/rand never fails on Linux; a job id without entropy must not exist
+	}
+	return id, idEncoding.EncodeToString(id[:])
+}
+
+// parseID decodes a job id; anything that is not exactly 22 base64url characters is unknown.
+func parseID(s string) (rawID, bool) {
+	var id rawID
+	if len(s) != idTextLen {
+		return id, false
+	}
+	n, err := idEncoding.Decode(id[:], []byte(s))
+	if err != nil || n != idLen || idEncoding.EncodeToString(id[:]) != s {
+		return id, false
+	}
+	return id, true
+}
+
+func eventKey(id rawID, seq uint64) []byte {
+	k := make([]byte, idLen+seqLen)
+	copy(k, id[:])
+	binary.BigEndian.PutUint64(k[idLen:], seq)
+	return k
+}
+
+// decodeEventKey splits an events key into job id and seq.
+func decodeEventKey(k []byte) (rawID, uint64, error) {
+	var id rawID
+	if len(k) != idLen+seqLen {
+		return id, 0, fmt.Errorf("store: event key of %d bytes", len(k))
+	}
+	copy(id[:], k)
+	return id, binary.BigEndian.Uint64(k[idLen:]), nil
+}
+
+func expiryKey(t time.Time, id rawID) []byte {
+	k := make([]byte, timeLen+idLen)
+	binary.BigEndian.PutUint64(k, uint64(t.UnixNano()))
+	copy(k[timeLen:], id[:])
+	return k
+}
+
+func decodeExpiryKey(k []byte) (time.Time, rawID, error) {
+	var id rawID
+	if len(k) != timeLen+idLen {
+		return time.Time{}, id, fmt.Errorf("store: expiry key of %d bytes", len(k))
+	}
+	copy(id[:], k[timeLen:])
+	return time.Unix(0, int64(binary.BigEndian.Uint64(k))), id, nil
+}
+
+// ownerKey orders an owner's jobs by creation time.
+func ownerKey(ownerHash []byte, created time.Time, id rawID) []byte {
+	k := make([]byte, 0, hashLen+timeLen+idLen)
+	k = append(k, ownerHash...)
+	k = binary.BigEndian.AppendUint64(k, uint64(created.UnixNano()))
+	return append(k, id[:]...)
+}
+
+func decodeOwnerKey(k []byte) (rawID, error) {
+	var id rawID
+	if len(k) != hashLen+timeLen+idLen {
+		return id, fmt.Errorf("store: owner key of %d bytes", len(k))
+	}
+	copy(id[:], k[hashLen+timeLen:])
+	return id, nil
+}
+
+func idemKey(ownerHash, keyHash []byte) []byte {
+	return append(append(make([]byte, 0, 2*hashLen), ownerHash...), keyHash...)
+}
+
+// Event values are one kind byte followed by the job document.
+const (
+	eventByteProgress = 'p'
+	eventByteDone     = 'd'
+)
+
+func encodeEvent(kind EventKind, doc []byte) []byte {
+	v := make([]byte, 1+len(doc))
+	v[0] = eventByteProgress
+	if kind == KindDone {
+		v[0] = eventByteDone
+	}
+	copy(v[1:], doc)
+	return v
+}
+
+// decodeEvent reads an event value; data aliases v.
+func decodeEvent(v []byte) (EventKind, []byte, error) {
+	if len(v) < 2 {
+		return "", nil, errors.New("store: short event record")
+	}
+	switch v[0] {
+	case eventByteProgress:
+		return KindProgress, v[1:], nil
+	case eventByteDone:
+		return KindDone, v[1:], nil
+	}
+	return "", nil, fmt.Errorf("store: event record of unknown kind %q", v[0])
+}
+
+// jobRecord is the stored form of a job: the public document, encoded once and shared with the
+// job's newest event, plus the private fields.
+type jobRecord struct {
+	V           int               `json:"v"`
+	Doc         json.RawMessage   `json:"doc"`
+	Owner       []byte            `json:"owner,omitempty"`
+	Idem        []byte            `json:"idem,omitempty"`
+	Fingerprint []byte            `json:"fp,omitempty"`
+	Route       string            `json:"route,omitempty"`
+	Attrs       map[string]string `json:"attrs,omitempty"`
+}
+
+func encodeJob(j *Job, doc []byte) ([]byte, error) {
+	return json.Marshal(jobRecord{
+		V: recVersion, Doc: doc, Owner: j.OwnerHash, Idem: j.idemHash,
+		Fingerprint: j.fingerprint, Route: j.Route, Attrs: j.Attrs,
+	})
+}
+
+// decodeJob reads a job record and checks what the rest of the store relies on.
+func decodeJob(v []byte) (*Job, error) {
+	var rec jobRecord
+	if err := json.Unmarshal(v, &rec); err != nil {
+		return nil, fmt.Errorf("store: job record: %w", err)
+	}
+	if rec.V != recVersion {
+		return nil, fmt.Errorf("store: job record version %d, want %d", rec.V, recVersion)
+	}
+	var j Job
+	if err := json.Unmarshal(rec.Doc, &j); err != nil {
+		return nil, fmt.Errorf("store: job document: %w", err)
+	}
+	if _, ok := parseID(j.ID); !ok {
+		return nil, fmt.Errorf("store: job record with malformed id %q", j.ID)
+	}
+	if !j.State.Valid() || j.Seq == 0 {
+		return nil, fmt.Errorf("store: job record %s with state %q seq %d", j.ID, j.State, j.Seq)
+	}
+	if (rec.Owner != nil && len(rec.Owner) != hashLen) || (rec.Idem != nil && len(rec.Idem) != hashLen) {
+		return nil, fmt.Errorf("store: job record %s with malformed hashes", j.ID)
+	}
+	j.OwnerHash, j.idemHash, j.fingerprint = rec.Owner, rec.Idem, rec.Fingerprint
+	j.Route, j.Attrs = rec.Route, rec.Attrs
+	return &j, nil
+}
+
+// resultHead is the stored head of an upstream response. The record is a uvarint length, the
+// head as JSON, then the body when it is kept inline.
+type resultHead struct {
+	Status int         `json:"status"`
+	Header http.Header `json:"header,omitempty"`
+	Size   int64       `json:"size"`
+	File   bool        `json:"file,omitempty"` // body in a file beside the database
+}
+
+func encodeResult(h resultHead, inline []byte) ([]byte, error) {
+	head, err := json.Marshal(h)
+	if err != nil {
+		return nil, err
+	}
+	v := binary.AppendUvarint(make([]byte, 0, binary.MaxVarintLen64+len(head)+len(inline)), uint64(len(head)))
+	v = append(v, head...)
+	return append(v, inline...), nil
+}
+
+// decodeResult reads a result record; the inline body aliases v.
+func decodeResult(v []byte) (resultHead, []byte, error) {
+	var h resultHead
+	n, w := binary.Uvarint(v)
+	if w <= 0 || n > uint64(len(v)-w) {
+		return h, nil, errors.New("store: malformed result record")
+	}
+	if err := json.Unmarshal(v[w:w+int(n)], &h); err != nil {
+		return h, nil, fmt.Errorf("store: result head: %w", err)
+	}
+	body := v[w+int(n):]
+	if h.Status < 100 || h.Status > 999 || h.Size < 0 || (!h.File && int64(len(body)) != h.Size) || (h.File && len(body) != 0) {
+		return h, nil, fmt.Errorf("store: result record with status %d size %d and %d inline bytes", h.Status, h.Size, len(body))
+	}
+	return h, body, nil
+}

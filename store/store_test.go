@@ -1,0 +1,385 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// openTest opens a store in a fresh folder and closes it when the test ends.
+func openTest(t testing.TB, opts Options) *boltStore {
+	t.Helper()
+	s, err := openBolt(filepath.Join(t.TempDir(), "progress.db"), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func newJob(t testing.TB, s Store) *Job {
+	t.Helper()
+	j, created, err := s.Create(context.Background(), NewJob{Request: RequestInfo{Method: "POST", URI: "/reports"}})
+	if err != nil || !created {
+		t.Fatalf("Create: %v created=%v", err, created)
+	}
+	return j
+}
+
+func percent(p float64) func(*Job) error {
+	return func(j *Job) error {
+		j.State = Running
+		j.Progress = &Progress{Percent: &p}
+		return nil
+	}
+}
+
+func TestJobLifecycle(t *testing.T) {
+	s := openTest(t, Options{})
+	ctx := context.Background()
+	j := newJob(t, s)
+	if j.State != Queued || j.Seq != 1 || len(j.ID) != idTextLen {
+		t.Fatalf("new job: %+v", j)
+	}
+	if j.Links.Self != "/_jobs/"+j.ID || j.Links.Events != "/_jobs/"+j.ID+"/events" {
+		t.Fatalf("links: %+v", j.Links)
+	}
+	for i := 1; i <= 3; i++ {
+		u, err := s.Update(ctx, j.ID, percent(float64(i*25)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if u.Seq != uint64(i+1) || u.StartedAt == nil {
+			t.Fatalf("update %d: seq %d started %v", i, u.Seq, u.StartedAt)
+		}
+	}
+	rw, err := s.NewResult(ctx, j.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(rw, "hello, result")
+	done, err := s.Finish(ctx, j.ID, Outcome{State: Succeeded, Response: &ResponseHead{Status: 201, Header: http.Header{
+		"Content-Type": {"text/plain"}, "X-Up": {"1"}, "Authorization": {"Bearer leaked"},
+	}}, Body: rw})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done.State != Succeeded || done.Seq != 5 || done.FinishedAt == nil || done.ExpiresAt == nil ||
+		done.Response == nil || done.Response.Status != 201 || done.Response.ContentLength != 13 || done.Response.ContentType != "text/plain" {
+		t.Fatalf("finished job: %+v", done)
+	}
+	if _, err := s.Update(ctx, j.ID, percent(99)); !errors.Is(err, ErrFinished) {
+		t.Fatalf("update after finish: %v, want ErrFinished", err)
+	}
+	if _, changed, err := s.Cancel(ctx, j.ID); err != nil || changed {
+		t.Fatalf("cancel after finish: changed=%v err=%v", changed, err)
+	}
+	res, err := s.Result(ctx, j.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.Status != 201 || string(body) != "hello, result" || res.Header.Get("X-Up") != "1" || res.Header.Get("Authorization") != "" {
+		t.Fatalf("result: %d %q %v", res.Status, body, res.Header)
+	}
+	evs, err := s.Events(ctx, j.ID, 0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(evs) != 5 {
+		t.Fatalf("%d events, want 5", len(evs))
+	}
+	for i, ev := range evs {
+		var doc Job
+		if err := json.Unmarshal(ev.Data, &doc); err != nil {
+			t.Fatal(err)
+		}
+		if ev.Seq != uint64(i+1) || doc.Seq != ev.Seq || ev.Done() != (i == 4) {
+			t.Fatalf("event %d: seq %d doc seq %d kind %s", i, ev.Seq, doc.Seq, ev.Kind)
+		}
+		if bytes.ContainsAny(ev.Data, "\r\n") {
+			t.Fatalf("event %d is not one line: %q", i, ev.Data)
+		}
+	}
+	if err := s.Delete(ctx, j.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Get(ctx, j.ID); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("get after delete: %v", err)
+	}
+	if _, err := s.Events(ctx, j.ID, 0, 10); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("events after delete: %v", err)
+	}
+	assertEmpty(t, s)
+}
+
+// assertEmpty checks that no key of any job is left in the file or the results folder.
+func assertEmpty(t *testing.T, s *boltStore) {
+	t.Helper()
+	err := s.db.View(func(tx *bolt.Tx) error {
+		for _, b := range allBuckets {
+			if bytes.Equal(b, bucketMeta) {
+				continue
+			}
+			if k, _ := tx.Bucket(b).Cursor().First(); k != nil {
+				t.Errorf("bucket %s still holds %x", b, k)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	entries, _ := os.ReadDir(s.resultsDir)
+	for _, e := range entries {
+		t.Errorf("results folder still holds %s", e.Name())
+	}
+}
+
+func TestLargeResultSpoolsToFile(t *testing.T) {
+	s := openTest(t, Options{InlineResultSize: 1024})
+	ctx := context.Background()
+	j := newJob(t, s)
+	rw, err := s.NewResult(ctx, j.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := sha256.New()
+	chunk := bytes.Repeat([]byte("0123456789abcdef"), 4096) // 64 KiB
+	for i := 0; i < 64; i++ {                               // 4 MiB
+		chunk[0] = byte(i)
+		rw.Write(chunk)
+		want.Write(chunk)
+	}
+	if _, err := s.Finish(ctx, j.ID, Outcome{State: Succeeded, Response: &ResponseHead{Status: 200}, Body: rw}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(s.resultPath(j.ID)); err != nil {
+		t.Fatalf("large result not in a file: %v", err)
+	}
+	res, err := s.Result(ctx, j.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := sha256.New()
+	n, _ := io.Copy(got, res.Body)
+	res.Body.Close()
+	if n != 64*65536 || res.Size != n || !bytes.Equal(got.Sum(nil), want.Sum(nil)) {
+		t.Fatalf("replayed %d bytes (size %d), checksum match %v", n, res.Size, bytes.Equal(got.Sum(nil), want.Sum(nil)))
+	}
+	// A second Finish must neither succeed nor touch the committed body.
+	rw2, _ := s.NewResult(ctx, j.ID)
+	rw2.Write(bytes.Repeat([]byte{'x'}, 4096))
+	if _, err := s.Finish(ctx, j.ID, Outcome{State: Failed, Response: &ResponseHead{Status: 500}, Body: rw2}); !errors.Is(err, ErrFinished) {
+		t.Fatalf("second finish: %v", err)
+	}
+	if fi, err := os.Stat(s.resultPath(j.ID)); err != nil || fi.Size() != n {
+		t.Fatalf("committed body after a refused finish: %v %v", fi, err)
+	}
+	if err := s.Delete(ctx, j.ID); err != nil {
+		t.Fatal(err)
+	}
+	assertEmpty(t, s)
+}
+
+func TestResultLimit(t *testing.T) {
+	s := openTest(t, Options{MaxResultSize: 10000, InlineResultSize: 100})
+	ctx := context.Background()
+	j := newJob(t, s)
+	rw, _ := s.NewResult(ctx, j.ID)
+	if _, err := rw.Write(make([]byte, 6000)); err != nil {
+		t.Fatal(err)
+	}
+	_, err := rw.Write(make([]byte, 6000))
+	var le *LimitError
+	if !errors.As(err, &le) || le.Limit != "max_result_size" || !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("write past the limit: %v", err)
+	}
+	if !strings.Contains(err.Error(), "max_result_size") {
+		t.Fatalf("message does not name the option: %v", err)
+	}
+	rw.Discard()
+	f, err := s.Finish(ctx, j.ID, Outcome{State: Failed, Error: &JobError{Code: CodeResultTooLarge, Message: err.Error()}})
+	if err != nil || f.Error.Code != CodeResultTooLarge || f.Response != nil {
+		t.Fatalf("finish too large: %+v %v", f, err)
+	}
+	if _, err := s.Result(ctx, j.ID); !errors.Is(err, ErrNoResult) {
+		t.Fatalf("result of a job without one: %v", err)
+	}
+	entries, _ := os.ReadDir(s.resultsDir)
+	if len(entries) != 0 {
+		t.Fatalf("discarded spool left %d files", len(entries))
+	}
+}
+
+func TestEventAndDataLimits(t *testing.T) {
+	s := openTest(t, Options{MaxEventSize: 2048, MaxDataSize: 256})
+	ctx := context.Background()
+	j := newJob(t, s)
+	_, err := s.Update(ctx, j.ID, func(j *Job) error {
+		j.Progress = &Progress{Data: json.RawMessage(`"` + strings.Repeat("d", 300) + `"`)}
+		return nil
+	})
+	var le *LimitError
+	if !errors.As(err, &le) || le.Limit != "max_data_size" {
+		t.Fatalf("oversized data: %v", err)
+	}
+	_, err = s.Update(ctx, j.ID, func(j *Job) error {
+		j.Progress = &Progress{Message: strings.Repeat("m", 3000)}
+		return nil
+	})
+	if !errors.As(err, &le) || le.Limit != "max_event_size" {
+		t.Fatalf("oversized event: %v", err)
+	}
+	_, err = s.Update(ctx, j.ID, func(j *Job) error {
+		j.Progress = &Progress{Data: json.RawMessage(`{not json`)}
+		return nil
+	})
+	if !errors.Is(err, ErrInvalid) {
+		t.Fatalf("malformed data: %v", err)
+	}
+	// None of the refused changes left a trace.
+	if got, _ := s.Get(ctx, j.ID); got.Seq != 1 || got.Progress != nil {
+		t.Fatalf("after refused updates: %+v", got)
+	}
+}
+
+func TestIdempotencyKey(t *testing.T) {
+	s := openTest(t, Options{})
+	ctx := context.Background()
+	spec := NewJob{Owner: "alice", IdempotencyKey: "k1", Fingerprint: []byte("POST /a body1"), Request: RequestInfo{Method: "POST", URI: "/a"}}
+	first, created, err := s.Create(ctx, spec)
+	if err != nil || !created {
+		t.Fatal(err, created)
+	}
+	again, created, err := s.Create(ctx, spec)
+	if err != nil || created || again.ID != first.ID {
+		t.Fatalf("same key: %v created=%v id %s vs %s", err, created, again.ID, first.ID)
+	}
+	other := spec
+	other.Fingerprint = []byte("POST /a body2")
+	if _, _, err := s.Create(ctx, other); !errors.Is(err, ErrIdempotencyMismatch) {
+		t.Fatalf("same key, other request: %v", err)
+	}
+	bob := spec
+	bob.Owner = "bob"
+	b, created, err := s.Create(ctx, bob)
+	if err != nil || !created || b.ID == first.ID {
+		t.Fatalf("same key, other owner: %v created=%v", err, created)
+	}
+	// Once the job is gone, the key is free again.
+	if err := s.Delete(ctx, first.ID); err != nil {
+		t.Fatal(err)
+	}
+	if j, created, err := s.Create(ctx, spec); err != nil || !created || j.ID == first.ID {
+		t.Fatalf("key after delete: %v created=%v", err, created)
+	}
+}
+
+func TestOwnerHashNotOwner(t *testing.T) {
+	s := openTest(t, Options{})
+	ctx := context.Background()
+	secret := "Bearer very-secret-token-1234"
+	j, _, err := s.Create(ctx, NewJob{Owner: secret, IdempotencyKey: "idem-secret-5678", Request: RequestInfo{Method: "GET", URI: "/x"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !j.OwnedBy(s.OwnerHash(secret)) || j.OwnedBy(s.OwnerHash("Bearer other")) {
+		t.Fatal("OwnedBy does not tell owners apart")
+	}
+	s.Close()
+	raw, err := os.ReadFile(s.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, needle := range []string{"very-secret-token", "idem-secret"} {
+		if bytes.Contains(raw, []byte(needle)) {
+			t.Fatalf("store file holds %q in plain text", needle)
+		}
+	}
+}
+
+func TestList(t *testing.T) {
+	s := openTest(t, Options{})
+	ctx := context.Background()
+	var alice []string
+	for i := 0; i < 7; i++ {
+		j, _, err := s.Create(ctx, NewJob{Owner: "alice", Request: RequestInfo{Method: "GET", URI: "/a"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		alice = append(alice, j.ID)
+		if i%2 == 0 {
+			if _, _, err := s.Cancel(ctx, j.ID); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	newJob(t, s) // someone else's
+	owner := "alice"
+	var got []string
+	cursor := ""
+	for pages := 0; ; pages++ {
+		page, err := s.List(ctx, ListQuery{Owner: &owner, Limit: 3, Cursor: cursor})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, j := range page.Jobs {
+			got = append(got, j.ID)
+		}
+		if page.Next == "" {
+			break
+		}
+		cursor = page.Next
+		if pages > 5 {
+			t.Fatal("paging does not end")
+		}
+	}
+	if len(got) != 7 {
+		t.Fatalf("listed %d of alice's 7 jobs", len(got))
+	}
+	for i := range got {
+		if got[i] != alice[6-i] {
+			t.Fatalf("order: got %v, want newest first of %v", got, alice)
+		}
+	}
+	page, err := s.List(ctx, ListQuery{Owner: &owner, State: Canceled})
+	if err != nil || len(page.Jobs) != 4 {
+		t.Fatalf("alice's canceled: %d %v", len(page.Jobs), err)
+	}
+	all, err := s.List(ctx, ListQuery{Limit: 5})
+	if err != nil || len(all.Jobs) != 5 || all.Next == "" {
+		t.Fatalf("all, page 1: %d next %q %v", len(all.Jobs), all.Next, err)
+	}
+	rest, err := s.List(ctx, ListQuery{Limit: 5, Cursor: all.Next})
+	if err != nil || len(rest.Jobs) != 3 || rest.Next != "" {
+		t.Fatalf("all, page 2: %d next %q %v", len(rest.Jobs), rest.Next, err)
+	}
+	if _, err := s.List(ctx, ListQuery{Cursor: "!!"}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("bad cursor: %v", err)
+	}
+}
+
+func TestMalformedIDsAreNotFound(t *testing.T) {
+	s := openTest(t, Options{})
+	ctx := context.Background()
+	for _, id := range []string{"", "x", strings.Repeat("A", 21), strings.Repeat("A", 23), "AAAAAAAAAAAAAAAAAAAAA/", "../../../../etc/passwd"} {
+		if _, err := s.Get(ctx, id); !errors.Is(err, ErrNotFound) {
+			t.Errorf("Get(%q): %v", id, err)
+		}
+		if _, err := s.Result(ctx, id); !errors.Is(err, ErrNotFound) {
+			t.Errorf("Result(%q): %v", id, err)
+		}
+	}
+}
