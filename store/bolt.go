@@ -222,6 +222,15 @@ func removeIfExists(path string) error {
 	return nil
 }
 
+// view runs a read transaction; reads that race Close end with ErrClosed like everything else.
+func (s *boltStore) view(fn func(tx *bolt.Tx) error) error {
+	err := s.db.View(fn)
+	if errors.Is(err, boltErrors.ErrDatabaseNotOpen) {
+		return ErrClosed
+	}
+	return err
+}
+
 // Close stops retention, answers queued writes, ends subscriptions and closes the file.
 func (s *boltStore) Close() error {
 	var err error

@@ -186,7 +186,7 @@ func (s *boltStore) Get(ctx context.Context, id string) (*Job, error) {
 		return nil, ErrNotFound
 	}
 	var j *Job
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		var err error
 		j, err = s.loadJob(tx, rid)
 		return err
@@ -400,7 +400,7 @@ func (s *boltStore) List(ctx context.Context, q ListQuery) (ListPage, error) {
 		return ListPage{}, fmt.Errorf("%w: malformed cursor", ErrInvalid)
 	}
 	var page ListPage
-	err = s.db.View(func(tx *bolt.Tx) error {
+	err = s.view(func(tx *bolt.Tx) error {
 		if q.Owner != nil {
 			return s.listOwner(tx, s.OwnerHash(*q.Owner), q.State, cursor, limit, &page)
 		}
@@ -485,7 +485,7 @@ func (s *boltStore) Events(ctx context.Context, id string, after uint64, limit i
 		return nil, ErrNotFound
 	}
 	var evs []Event
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		var err error
 		evs, err = s.readEvents(tx, rid, id, after, limit)
 		return err
@@ -580,7 +580,7 @@ func (s *boltStore) Wait(ctx context.Context, id string, after uint64) (Event, e
 	}
 	defer s.feed.unwatch(id, t)
 	var current Event
-	err = s.db.View(func(tx *bolt.Tx) error {
+	err = s.view(func(tx *bolt.Tx) error {
 		j, err := s.loadJob(tx, rid)
 		if err != nil || j.Seq <= after {
 			return err

@@ -153,7 +153,7 @@ func (s *boltStore) Result(ctx context.Context, id string) (*Result, error) {
 	}
 	var head resultHead
 	var inline []byte
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		if tx.Bucket(bucketJobs).Get(rid[:]) == nil {
 			return ErrNotFound
 		}

@@ -86,7 +86,7 @@ func (s *boltStore) sweep(now time.Time, stop <-chan struct{}) (int, error) {
 // transaction.
 func (s *boltStore) expiredKeys(now time.Time) ([][]byte, error) {
 	var keys [][]byte
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		c := tx.Bucket(bucketExpiry).Cursor()
 		for k, _ := c.First(); k != nil && len(keys) < sweepBatch; k, _ = c.Next() {
 			at, _, err := decodeExpiryKey(k)
