@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -117,7 +116,7 @@ func (s *boltStore) init() error {
 	if err := os.MkdirAll(s.resultsDir, 0o700); err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
-	if err := s.removeTempResults(); err != nil {
+	if err := s.settleTempResults(); err != nil {
 		return err
 	}
 	return s.recoverInterrupted()
@@ -139,23 +138,6 @@ func (s *boltStore) OwnerHash(owner string) []byte { return keyedHash(s.ownerKey
 
 func (s *boltStore) Secret() []byte { return append([]byte(nil), s.secret...) }
 
-// removeTempResults deletes result files a crash left half-written or half-deleted; the folder
-// holds few of them, however many results are stored.
-func (s *boltStore) removeTempResults() error {
-	entries, err := os.ReadDir(s.resultsDir)
-	if err != nil {
-		return fmt.Errorf("store: %w", err)
-	}
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), tempPrefix) {
-			if err := os.Remove(filepath.Join(s.resultsDir, e.Name())); err != nil && !os.IsNotExist(err) {
-				return fmt.Errorf("store: %w", err)
-			}
-		}
-	}
-	return nil
-}
-
 // recoverBatch bounds each recovery transaction.
 const recoverBatch = 1000
 
@@ -175,13 +157,6 @@ func (s *boltStore) recoverInterrupted() error {
 		})
 		if err != nil || len(ids) == 0 {
 			return err
-		}
-		// A result file renamed into place just before a crash belongs to no commit: remove it
-		// before the job is marked, so a crash here leaves it to the next recovery.
-		for _, id := range ids {
-			if err := removeIfExists(s.resultPath(idEncoding.EncodeToString(id[:]))); err != nil {
-				return err
-			}
 		}
 		err = s.db.Update(func(tx *bolt.Tx) error {
 			now := time.Now().UTC()

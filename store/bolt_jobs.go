@@ -6,6 +6,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
+	"os"
+	"strings"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -30,7 +33,7 @@ func (s *boltStore) write(tx *bolt.Tx, prev, j *Job, now time.Time) (Event, erro
 	if prev != nil && prev.State == Running && j.State == Queued {
 		return Event{}, fmt.Errorf("%w: a running job cannot go back to queued", ErrInvalid)
 	}
-	if j.Progress != nil && len(j.Progress.Data) > s.opts.MaxDataSize {
+	if j.Progress != nil && len(j.Progress.Data) > s.opts.MaxDataSize && !sameData(prev, j) {
 		return Event{}, &LimitError{Limit: "max_data_size", Max: int64(s.opts.MaxDataSize), Size: int64(len(j.Progress.Data))}
 	}
 	j.Seq = 1
@@ -50,12 +53,9 @@ func (s *boltStore) write(tx *bolt.Tx, prev, j *Job, now time.Time) (Event, erro
 		expires := now.Add(s.opts.Retain)
 		j.FinishedAt, j.ExpiresAt, j.ETASeconds = &now, &expires, nil
 	}
-	doc, err := json.Marshal(j)
+	doc, err := s.encodeDoc(j)
 	if err != nil {
-		return Event{}, fmt.Errorf("%w: %v", ErrInvalid, err)
-	}
-	if len(doc) > s.opts.MaxEventSize {
-		return Event{}, &LimitError{Limit: "max_event_size", Max: int64(s.opts.MaxEventSize), Size: int64(len(doc))}
+		return Event{}, err
 	}
 	rec, err := encodeJob(j, doc)
 	if err != nil {
@@ -78,6 +78,51 @@ func (s *boltStore) write(tx *bolt.Tx, prev, j *Job, now time.Time) (Event, erro
 		return Event{}, err
 	}
 	return Event{JobID: j.ID, Seq: j.Seq, Kind: kind, Data: doc}, nil
+}
+
+// sameData reports whether a change leaves progress.data as it was: a limit applies to what a
+// change brings, not to what an earlier, larger limit let in.
+func sameData(prev, j *Job) bool {
+	return prev != nil && prev.Progress != nil && j.Progress != nil && bytes.Equal(prev.Progress.Data, j.Progress.Data)
+}
+
+// keptOnTrim bounds the message and URI of a job that had to be trimmed to end.
+const keptOnTrim = 1024
+
+// encodeDoc encodes the job document within max_event_size. A job must always be able to end,
+// even one whose last progress filled the limit, or whose limit was lowered since: a terminal
+// document that is too large loses its progress, then long strings are cut, rather than the
+// job staying unfinished for ever.
+func (s *boltStore) encodeDoc(j *Job) ([]byte, error) {
+	trims := []func(){
+		func() { j.Progress = nil },
+		func() {
+			if j.Error != nil {
+				j.Error.Message = truncate(j.Error.Message, keptOnTrim)
+			}
+			j.Request.URI = truncate(j.Request.URI, keptOnTrim)
+		},
+	}
+	for i := 0; ; i++ {
+		doc, err := json.Marshal(j)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+		}
+		if len(doc) <= s.opts.MaxEventSize {
+			return doc, nil
+		}
+		if !j.State.Terminal() || i == len(trims) {
+			return nil, &LimitError{Limit: "max_event_size", Max: int64(s.opts.MaxEventSize), Size: int64(len(doc))}
+		}
+		trims[i]()
+	}
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return strings.ToValidUTF8(s[:n], "") + "…"
 }
 
 // index keeps the active, expiry, owner and idempotency indexes in step with a job's change.
@@ -196,7 +241,9 @@ func (s *boltStore) Get(ctx context.Context, id string) (*Job, error) {
 
 // change runs a read-modify-write of one job as a group-committed write: mutate sees a copy of
 // the current document. It is the one path by which an existing job changes.
-func (s *boltStore) change(id string, mutate func(tx *bolt.Tx, prev, j *Job) error) (job *Job, changed bool, err error) {
+//
+// committed, if not nil, runs after the commit and before the event is published.
+func (s *boltStore) change(id string, mutate func(tx *bolt.Tx, prev, j *Job) error, committed func()) (job *Job, changed bool, err error) {
 	rid, ok := parseID(id)
 	if !ok {
 		return nil, false, ErrNotFound
@@ -227,6 +274,9 @@ func (s *boltStore) change(id string, mutate func(tx *bolt.Tx, prev, j *Job) err
 	}
 	published := func() {
 		if changed {
+			if committed != nil {
+				committed()
+			}
 			s.feed.publish(ev)
 		}
 	}
@@ -242,7 +292,7 @@ func (s *boltStore) Update(ctx context.Context, id string, mutate func(*Job) err
 			return ErrFinished
 		}
 		return mutate(j)
-	})
+	}, nil)
 	return job, err
 }
 
@@ -253,7 +303,7 @@ func (s *boltStore) Cancel(ctx context.Context, id string) (*Job, bool, error) {
 		}
 		j.State = Canceled
 		return nil
-	})
+	}, nil)
 }
 
 func (s *boltStore) Finish(ctx context.Context, id string, out Outcome) (*Job, error) {
@@ -272,8 +322,11 @@ func (s *boltStore) Finish(ctx context.Context, id string, out Outcome) (*Job, e
 		rw.Discard()
 		return nil, fmt.Errorf("%w: result body without a response", ErrInvalid)
 	}
-	var head resultHead
-	var inline []byte
+	var (
+		head   resultHead
+		inline []byte
+		spool  string
+	)
 	if out.Response != nil {
 		if out.Response.Status < 100 || out.Response.Status > 999 {
 			rw.Discard()
@@ -282,11 +335,11 @@ func (s *boltStore) Finish(ctx context.Context, id string, out Outcome) (*Job, e
 		head = resultHead{Status: out.Response.Status, Header: storableHeader(out.Response.Header)}
 		if rw != nil {
 			var err error
-			if inline, err = rw.seal(); err != nil {
+			if inline, spool, err = rw.seal(); err != nil {
 				rw.Discard()
 				return nil, err
 			}
-			head.Size, head.File = rw.size, rw.sealed
+			head.Size, head.File = rw.size, spool != ""
 		}
 	}
 	job, _, err := s.change(id, func(tx *bolt.Tx, prev, j *Job) error {
@@ -306,6 +359,12 @@ func (s *boltStore) Finish(ctx context.Context, id string, out Outcome) (*Job, e
 			j.Response = &ResponseInfo{Status: head.Status, ContentType: head.Header.Get("Content-Type"), ContentLength: head.Size}
 		}
 		return nil
+	}, func() {
+		// The record is committed: give the body its final name before anyone hears that the
+		// job ended. The rename needs no fsync: if a crash loses it, Open redoes it.
+		if spool != "" {
+			os.Rename(spool, s.resultPath(id))
+		}
 	})
 	if err != nil {
 		rw.Discard()
@@ -322,12 +381,11 @@ func (s *boltStore) Delete(ctx context.Context, id string) error {
 	if !ok {
 		return ErrNotFound
 	}
-	trash, err := s.trashResult(id)
-	if err != nil {
+	var trash string
+	err := s.commits.do(func(tx *bolt.Tx) error {
+		var err error
+		trash, err = s.deleteJob(tx, rid)
 		return err
-	}
-	err = s.commits.do(func(tx *bolt.Tx) error {
-		return s.deleteJob(tx, rid)
 	}, func() { s.feed.fail(id, ErrNotFound) })
 	if err != nil {
 		restoreTrash(trash, s.resultPath(id))
@@ -336,15 +394,18 @@ func (s *boltStore) Delete(ctx context.Context, id string) error {
 	return removeIfExists(trash)
 }
 
-// deleteJob removes a job, its events, its result head and its index entries. The result
-// file, if any, is the caller's to remove.
-func (s *boltStore) deleteJob(tx *bolt.Tx, id rawID) error {
+// deleteJob removes a job, its events, its result and its index entries. A result file is
+// moved to a temporary name (returned) for the caller to remove after the commit, or to put
+// back if the commit fails; a crash before the commit is undone by Open. Doing it inside the
+// transaction orders it after any Finish of the same job, whose rename runs after its commit
+// on the same goroutine.
+func (s *boltStore) deleteJob(tx *bolt.Tx, id rawID) (trash string, err error) {
 	j, err := s.loadJob(tx, id)
 	if err != nil {
-		return err
+		return "", err
 	}
 	if err := tx.Bucket(bucketJobs).Delete(id[:]); err != nil {
-		return err
+		return "", err
 	}
 	// Collect, then delete: deleting under a moving bbolt cursor can skip keys.
 	var keys [][]byte
@@ -354,31 +415,42 @@ func (s *boltStore) deleteJob(tx *bolt.Tx, id rawID) error {
 	}
 	for _, k := range keys {
 		if err := tx.Bucket(bucketEvents).Delete(k); err != nil {
-			return err
+			return "", err
 		}
 	}
-	if err := tx.Bucket(bucketResults).Delete(id[:]); err != nil {
-		return err
+	results := tx.Bucket(bucketResults)
+	hasFile := false
+	if v := results.Get(id[:]); v != nil {
+		head, _, err := decodeResult(v)
+		hasFile = err == nil && head.File
+	}
+	if err := results.Delete(id[:]); err != nil {
+		return "", err
 	}
 	if err := tx.Bucket(bucketOwners).Delete(ownerKey(j.OwnerHash, j.CreatedAt, id)); err != nil {
-		return err
+		return "", err
 	}
 	if j.idemHash != nil {
 		idem := tx.Bucket(bucketIdem)
 		k := idemKey(j.OwnerHash, j.idemHash)
 		if bytes.Equal(idem.Get(k), id[:]) {
 			if err := idem.Delete(k); err != nil {
-				return err
+				return "", err
 			}
 		}
 	}
 	if err := tx.Bucket(bucketActive).Delete(id[:]); err != nil {
-		return err
+		return "", err
 	}
 	if j.ExpiresAt != nil {
-		return tx.Bucket(bucketExpiry).Delete(expiryKey(*j.ExpiresAt, id))
+		if err := tx.Bucket(bucketExpiry).Delete(expiryKey(*j.ExpiresAt, id)); err != nil {
+			return "", err
+		}
 	}
-	return nil
+	if !hasFile {
+		return "", nil
+	}
+	return s.trashResult(idEncoding.EncodeToString(id[:]))
 }
 
 const (
@@ -499,7 +571,7 @@ func (s *boltStore) readEvents(tx *bolt.Tx, rid rawID, id string, after uint64, 
 	if tx.Bucket(bucketJobs).Get(rid[:]) == nil {
 		return nil, ErrNotFound
 	}
-	if limit <= 0 {
+	if limit <= 0 || after == math.MaxUint64 {
 		return nil, nil
 	}
 	c := tx.Bucket(bucketEvents).Cursor()

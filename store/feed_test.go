@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -333,12 +335,12 @@ func TestRecoveryEndsInterruptedJobs(t *testing.T) {
 	if _, _, err := s.Cancel(ctx, finished.ID); err != nil {
 		t.Fatal(err)
 	}
-	// A body renamed into place by a Finish that crashed before its commit.
-	if err := writeFile(s.resultPath(running.ID), "orphan"); err != nil {
-		t.Fatal(err)
-	}
-	if err := writeFile(s.resultsDir+"/"+tempPrefix+"half-written", "x"); err != nil {
-		t.Fatal(err)
+	// The spool of a Finish that crashed before its commit, a file trashed by a delete that
+	// committed, and a stray temporary file.
+	for _, name := range []string{tempPrefix + running.ID + "-123", trashPrefix + finished.ID, tempPrefix + "half-written"} {
+		if err := writeFile(s.resultsDir+"/"+name, "orphan"); err != nil {
+			t.Fatal(err)
+		}
 	}
 	s.Close()
 
@@ -473,5 +475,94 @@ func TestSeamWhenRingOverflowsDuringReplay(t *testing.T) {
 	}
 	if len(seqs) != 20 {
 		t.Fatalf("saw %v, want 1..20", seqs)
+	}
+}
+
+// TestOpenSettlesInterruptedFileMoves: a crash between a commit and the rename that follows it,
+// or between a delete's move of the file and its commit, is finished or undone by Open.
+func TestOpenSettlesInterruptedFileMoves(t *testing.T) {
+	path := t.TempDir() + "/progress.db"
+	s, err := openBolt(path, Options{InlineResultSize: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	finish := func() string {
+		j := newJob(t, s)
+		rw, _ := s.NewResult(ctx, j.ID)
+		io.WriteString(rw, "a body that goes to a file")
+		if _, err := s.Finish(ctx, j.ID, Outcome{State: Succeeded, Response: &ResponseHead{Status: 200}, Body: rw}); err != nil {
+			t.Fatal(err)
+		}
+		return j.ID
+	}
+	lostRename, lostDelete := finish(), finish()
+	// As if the rename after the commit never happened, and as if a delete moved the file and
+	// died before its commit.
+	if err := os.Rename(s.resultPath(lostRename), s.resultsDir+"/"+tempPrefix+lostRename+"-42"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.trashResult(lostDelete); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s, err = openBolt(path, Options{InlineResultSize: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for _, id := range []string{lostRename, lostDelete} {
+		res, err := s.Result(ctx, id)
+		if err != nil {
+			t.Fatalf("result of %s after reopen: %v", id, err)
+		}
+		body, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if string(body) != "a body that goes to a file" {
+			t.Fatalf("result of %s after reopen: %q", id, body)
+		}
+	}
+	if names, _ := readDirNames(s.resultsDir); len(names) != 2 {
+		t.Fatalf("results folder after reopen: %v", names)
+	}
+}
+
+// TestJobsAlwaysEnd: a job whose document sits at the event limit (or a limit lowered since)
+// can still be canceled, finished and recovered; what it said of its progress is dropped.
+func TestJobsAlwaysEnd(t *testing.T) {
+	path := t.TempDir() + "/progress.db"
+	s, err := openBolt(path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	fill := func(j *Job) error {
+		j.State = Running
+		j.Progress = &Progress{Message: strings.Repeat("m", DefaultMaxEventSize-1000)}
+		return nil
+	}
+	var ids []string
+	for range 3 {
+		j := newJob(t, s)
+		if _, err := s.Update(ctx, j.ID, fill); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, j.ID)
+	}
+	if j, _, err := s.Cancel(ctx, ids[0]); err != nil || j.State != Canceled {
+		t.Fatalf("cancel a full job: %v", err)
+	}
+	if j, err := s.Finish(ctx, ids[1], Outcome{State: Failed, Error: &JobError{Code: "upstream_timeout", Message: strings.Repeat("e", 100000)}}); err != nil ||
+		j.State != Failed || len(j.Error.Message) > keptOnTrim+len("…") {
+		t.Fatalf("finish a full job with a long error: %v", err)
+	}
+	s.Close()
+	s, err = openBolt(path, Options{MaxEventSize: 4096})
+	if err != nil {
+		t.Fatalf("reopen with a lower limit and a full running job: %v", err)
+	}
+	defer s.Close()
+	if j, err := s.Get(ctx, ids[2]); err != nil || j.State != Failed || j.Error.Code != CodeInterrupted {
+		t.Fatalf("recovered full job: %+v %v", j, err)
 	}
 }

@@ -3,10 +3,12 @@ package store
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 
 	bolt "go.etcd.io/bbolt"
 )
@@ -29,16 +31,18 @@ func storableHeader(h http.Header) http.Header {
 func (s *boltStore) resultPath(id string) string { return filepath.Join(s.resultsDir, id) }
 
 // resultWriter keeps a body in memory up to the inline size, then spools it to a temporary
-// file; seal makes the file durable under its final name just before the commit.
+// file. seal makes the spool durable under its temporary name; the commit that records the
+// result is followed by a rename to the final name (see Finish), which Open redoes if a crash
+// lost it.
 type resultWriter struct {
 	store   *boltStore
 	id      string
 	mem     []byte
-	file    *os.File
+	file    *os.File // the spool while writing
+	spool   string   // the spool's name once sealed
 	size    int64
 	err     error
-	sealed  bool // the body is in a file at resultPath(id)
-	settled bool // sealed and committed, or discarded
+	settled bool // committed, or discarded
 }
 
 func (s *boltStore) NewResult(ctx context.Context, id string) (ResultWriter, error) {
@@ -83,36 +87,26 @@ func (w *resultWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// seal makes the body durable: a small body is returned to be stored inline in the commit; a
-// spooled one is fsynced and renamed to its final name, with the folder fsynced too.
-func (w *resultWriter) seal() ([]byte, error) {
+// seal makes the body durable before the commit that refers to it: a small body is returned
+// to be stored inline; a spooled one is fsynced, and so is the folder holding its name.
+func (w *resultWriter) seal() (inline []byte, spool string, err error) {
 	if w.err != nil {
-		return nil, w.err
+		return nil, "", w.err
 	}
 	if w.file == nil {
-		return w.mem, nil
+		return w.mem, "", nil
 	}
 	f := w.file
+	w.file = nil
+	w.spool = f.Name()
 	if err := f.Sync(); err != nil {
-		return nil, err
+		f.Close()
+		return nil, "", err
 	}
 	if err := f.Close(); err != nil {
-		return nil, err
+		return nil, "", err
 	}
-	w.file = nil
-	// Link, not rename: a link never replaces a file, so a second Finish of the same job
-	// cannot overwrite the body a first one committed.
-	final := w.store.resultPath(w.id)
-	err := os.Link(f.Name(), final)
-	os.Remove(f.Name())
-	if os.IsExist(err) {
-		return nil, ErrFinished
-	}
-	if err != nil {
-		return nil, err
-	}
-	w.sealed = true
-	return nil, syncDir(w.store.resultsDir)
+	return nil, w.spool, syncDir(w.store.resultsDir)
 }
 
 // Discard drops the body. After a successful Finish it does nothing.
@@ -122,19 +116,15 @@ func (w *resultWriter) Discard() error {
 	}
 	w.settled = true
 	w.mem = nil
-	var err error
-	if w.file != nil {
-		w.file.Close()
-		err = removeIfExists(w.file.Name())
-		w.file = nil
-	}
-	if w.sealed {
-		err = removeIfExists(w.store.resultPath(w.id))
-	}
 	if w.err == nil {
 		w.err = ErrClosed
 	}
-	return err
+	if w.file != nil {
+		w.file.Close()
+		w.spool = w.file.Name()
+		w.file = nil
+	}
+	return removeIfExists(w.spool)
 }
 
 func syncDir(dir string) error {
@@ -187,20 +177,95 @@ func (s *boltStore) Result(ctx context.Context, id string) (*Result, error) {
 	return r, nil
 }
 
-// trashResult moves a job's result file, if it has one, to a temporary name before the commit
-// that deletes the job: a crash before the commit leaves a file Open removes, never an orphan
-// that nothing refers to.
+// trashPrefix names a result file on its way out: moved there inside the transaction that
+// deletes its job, removed after the commit.
+const trashPrefix = tempPrefix + "deleted-"
+
+// trashResult moves a job's result file to its trash name and returns that name. Called again
+// for the same job (a retried transaction), it finds the file already there.
 func (s *boltStore) trashResult(id string) (string, error) {
-	trash := filepath.Join(s.resultsDir, tempPrefix+"deleted-"+id)
+	trash := filepath.Join(s.resultsDir, trashPrefix+id)
 	err := os.Rename(s.resultPath(id), trash)
 	if os.IsNotExist(err) {
+		if _, statErr := os.Stat(trash); statErr == nil {
+			return trash, nil
+		}
 		return "", nil
 	}
-	return trash, err
+	if err != nil {
+		return "", fmt.Errorf("store: %w", err)
+	}
+	return trash, nil
 }
 
 func restoreTrash(trash, path string) {
 	if trash != "" {
 		os.Rename(trash, path)
 	}
+}
+
+// settleTempResults finishes what a crash interrupted in the results folder, which holds few
+// temporary files however many results are stored:
+//   - a spool whose job has a committed file result and no file yet: the rename after the
+//     commit was lost; redo it;
+//   - a trashed file whose job still exists: the delete did not commit; put it back;
+//   - anything else temporary: a spool of a job that never finished, a body a refused Finish
+//     left, a trashed file whose delete did commit; remove it.
+func (s *boltStore) settleTempResults() error {
+	entries, err := os.ReadDir(s.resultsDir)
+	if err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	for _, e := range entries {
+		name := e.Name()
+		if !strings.HasPrefix(name, tempPrefix) {
+			continue
+		}
+		path := filepath.Join(s.resultsDir, name)
+		id, ok := strings.CutPrefix(name, trashPrefix)
+		if !ok && len(name) > len(tempPrefix)+idTextLen {
+			id = name[len(tempPrefix) : len(tempPrefix)+idTextLen]
+		}
+		keep, err := s.wantsResultFile(id, path)
+		if err != nil {
+			return err
+		}
+		if keep {
+			if err := os.Rename(path, s.resultPath(id)); err != nil {
+				return fmt.Errorf("store: %w", err)
+			}
+			continue
+		}
+		if err := removeIfExists(path); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// wantsResultFile reports whether the file at path is the missing body of job id's committed
+// result: the record says the body is a file of that size and the final name is free.
+func (s *boltStore) wantsResultFile(id, path string) (bool, error) {
+	rid, ok := parseID(id)
+	if !ok {
+		return false, nil
+	}
+	if _, err := os.Stat(s.resultPath(id)); err == nil {
+		return false, nil
+	}
+	info, err := os.Stat(path)
+	if err != nil {
+		return false, nil
+	}
+	want := false
+	err = s.view(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketResults).Get(rid[:])
+		if v == nil || tx.Bucket(bucketJobs).Get(rid[:]) == nil {
+			return nil
+		}
+		head, _, err := decodeResult(v)
+		want = err == nil && head.File && head.Size == info.Size()
+		return nil
+	})
+	return want, err
 }

@@ -2,6 +2,8 @@ package store
 
 import (
 	"bytes"
+	"path/filepath"
+	"strings"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -41,19 +43,18 @@ func (s *boltStore) sweep(now time.Time, stop <-chan struct{}) (int, error) {
 			return total, err
 		}
 		ids := make([]string, len(keys))
-		trash := make([]string, len(keys))
-		for i, k := range keys {
-			_, id, _ := decodeExpiryKey(k)
-			ids[i] = idEncoding.EncodeToString(id[:])
-			if trash[i], err = s.trashResult(ids[i]); err != nil {
-				return total, err
-			}
-		}
+		var trash []string
 		err = s.commits.do(func(tx *bolt.Tx) error {
-			for _, k := range keys {
+			trash = trash[:0]
+			for i, k := range keys {
 				_, id, _ := decodeExpiryKey(k)
-				if err := s.deleteJob(tx, id); err != nil && err != ErrNotFound {
+				ids[i] = idEncoding.EncodeToString(id[:])
+				t, err := s.deleteJob(tx, id)
+				if err != nil && err != ErrNotFound {
 					return err
+				}
+				if t != "" {
+					trash = append(trash, t)
 				}
 				// The entry goes even when its job is already gone.
 				if err := tx.Bucket(bucketExpiry).Delete(k); err != nil {
@@ -67,8 +68,8 @@ func (s *boltStore) sweep(now time.Time, stop <-chan struct{}) (int, error) {
 			}
 		})
 		if err != nil {
-			for i, t := range trash {
-				restoreTrash(t, s.resultPath(ids[i]))
+			for _, t := range trash {
+				restoreTrash(t, s.resultPath(strings.TrimPrefix(filepath.Base(t), trashPrefix)))
 			}
 			return total, err
 		}
