@@ -180,6 +180,10 @@ func (s *boltStore) Create(ctx context.Context, spec NewJob) (*Job, bool, error)
 		OwnerHash: s.OwnerHash(spec.Owner), Route: spec.Route, Attrs: spec.Attrs,
 		fingerprint: cloneBytes(spec.Fingerprint),
 	}
+	if spec.QueuePosition > 0 {
+		position := spec.QueuePosition
+		fresh.QueuePosition = &position
+	}
 	if spec.IdempotencyKey != "" {
 		fresh.idemHash = keyedHash(s.idemKey, spec.IdempotencyKey)
 	}

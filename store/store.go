@@ -92,6 +92,8 @@ type NewJob struct {
 	BasePath string
 	// Attrs are private values kept with the job (see Job.Attrs).
 	Attrs map[string]string
+	// QueuePosition, when above 0, is the job's place in its route's queue.
+	QueuePosition int
 }
 
 // Outcome is how a job ended.

@@ -1,0 +1,209 @@
+// Package caddymodule adapts caddy-progress to Caddy: the `progress` app (the global option),
+// the `progress` handler that turns requests into jobs, and the `progress_api` handler that
+// serves them. The logic lives in package engine and package store; this package parses
+// configuration and hands requests over.
+package caddymodule
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/caddy-progress/progress/engine"
+	"github.com/caddy-progress/progress/store"
+)
+
+func init() {
+	caddy.RegisterModule(App{})
+}
+
+// App is the `progress` app: the options every `progress` and `progress_api` handler shares,
+// and the store they keep jobs in. Configure it with the `progress` global option.
+type App struct {
+	// Store is the path of the job store file. Default: progress/progress.db under Caddy's
+	// data directory.
+	Store string `json:"store,omitempty"`
+	// Retain is how long finished jobs, their events and results are kept. Default 24h.
+	Retain caddy.Duration `json:"retain,omitempty"`
+	// JobsPath is where the job API lives. Default /_jobs.
+	JobsPath string `json:"jobs_path,omitempty"`
+	// MaxWait caps Prefer: wait=N and long-poll waits. Default 60s.
+	MaxWait caddy.Duration `json:"max_wait,omitempty"`
+	// Heartbeat is the interval of SSE comment lines that keep idle streams open. Default 15s.
+	Heartbeat caddy.Duration `json:"heartbeat,omitempty"`
+	// WriteTimeout bounds one write to an event stream; a subscriber that stops reading is
+	// dropped after it. Default 30s.
+	WriteTimeout caddy.Duration `json:"write_timeout,omitempty"`
+	// OpenTimeout is how long to wait for a store file another process holds. Default 5s.
+	OpenTimeout caddy.Duration `json:"open_timeout,omitempty"`
+	// MaxResultSize bounds a stored upstream response body. Default 1 GiB.
+	MaxResultSize int64 `json:"max_result_size,omitempty"`
+	// MaxEventSize bounds a job document, so every event. Default 64 KiB.
+	MaxEventSize int `json:"max_event_size,omitempty"`
+	// MaxDataSize bounds progress.data. Default 16 KiB.
+	MaxDataSize int `json:"max_data_size,omitempty"`
+	// EventsPerJob is how many events per job are kept for Last-Event-ID replay. Default 1000.
+	EventsPerJob int `json:"events_per_job,omitempty"`
+
+	path   string
+	shared *shared
+	done   context.Context
+	stop   context.CancelFunc
+	logger *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (App) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{ID: "progress", New: func() caddy.Module { return new(App) }}
+}
+
+// stores holds one open store and engine per file path, across config reloads: Caddy
+// provisions the new config before it cleans up the old one, and bbolt locks its file.
+var stores = caddy.NewUsagePool()
+
+// shared is what one store file gives every config that uses it.
+type shared struct {
+	store  store.Store
+	engine *engine.Engine
+}
+
+// Destruct runs when the last config using the store goes: running jobs end as interrupted.
+func (s *shared) Destruct() error {
+	s.engine.Close()
+	return s.store.Close()
+}
+
+// Provision opens the store, or shares the one the previous config opened.
+func (a *App) Provision(ctx caddy.Context) error {
+	a.logger = ctx.Logger()
+	if a.JobsPath == "" {
+		a.JobsPath = engine.DefaultJobsPath
+	}
+	path := a.Store
+	if path == "" {
+		path = filepath.Join(caddy.AppDataDir(), "progress", "progress.db")
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return fmt.Errorf("progress: store path %q: %w", path, err)
+	}
+	a.path = filepath.Clean(abs)
+	opts := store.Options{
+		Retain: time.Duration(a.Retain), OpenTimeout: time.Duration(a.OpenTimeout),
+		MaxResultSize: a.MaxResultSize, MaxEventSize: a.MaxEventSize, MaxDataSize: a.MaxDataSize,
+		MaxEventsPerJob: a.EventsPerJob,
+	}
+	logger := a.logger
+	val, loaded, err := stores.LoadOrNew(a.path, func() (caddy.Destructor, error) {
+		st, err := store.Open(a.path, opts)
+		if err != nil {
+			return nil, err
+		}
+		return &shared{store: st, engine: engine.New(st, logger, statusOf)}, nil
+	})
+	if err != nil {
+		return fmt.Errorf("progress: %w", err)
+	}
+	if loaded {
+		a.logger.Debug("sharing the open job store", zap.String("store", a.path))
+	}
+	a.shared = val.(*shared)
+	a.done, a.stop = context.WithCancel(context.Background())
+	return nil
+}
+
+// Validate checks the options.
+func (a *App) Validate() error {
+	if !strings.HasPrefix(a.JobsPath, "/") || strings.HasSuffix(a.JobsPath, "/") || strings.ContainsAny(a.JobsPath, "*?#") {
+		return fmt.Errorf("progress: jobs_path %q must start with / and not end with one, as in /_jobs", a.JobsPath)
+	}
+	for name, d := range map[string]caddy.Duration{"retain": a.Retain, "max_wait": a.MaxWait, "heartbeat": a.Heartbeat, "write_timeout": a.WriteTimeout, "open_timeout": a.OpenTimeout} {
+		if d < 0 {
+			return fmt.Errorf("progress: %s must not be negative", name)
+		}
+	}
+	if a.MaxResultSize < 0 || a.MaxEventSize < 0 || a.MaxDataSize < 0 || a.EventsPerJob < 0 {
+		return errors.New("progress: limits must not be negative")
+	}
+	return nil
+}
+
+// Start does nothing: the store opened at provisioning.
+func (a *App) Start() error { return nil }
+
+// Stop ends the event streams this config serves; their clients resume on the new config
+// with Last-Event-ID. Jobs go on: the store and engine belong to every config using them.
+func (a *App) Stop() error {
+	a.stop()
+	return nil
+}
+
+// Cleanup lets go of the shared store; the last config to do so closes it.
+func (a *App) Cleanup() error {
+	if a.stop != nil {
+		a.stop()
+	}
+	if a.shared == nil {
+		return nil
+	}
+	_, err := stores.Delete(a.path)
+	return err
+}
+
+// api makes the job API of this config.
+func (a *App) api() *engine.API {
+	api := &engine.API{
+		Engine: a.shared.engine, JobsPath: a.JobsPath, MaxWait: time.Duration(a.MaxWait),
+		Heartbeat: time.Duration(a.Heartbeat), WriteTimeout: time.Duration(a.WriteTimeout),
+		OwnerOf: ownerOf, Done: a.done,
+	}
+	api.Init()
+	return api
+}
+
+// ownerOf evaluates an owner expression (Caddy placeholders) for a request.
+func ownerOf(r *http.Request, expr string) string {
+	if expr == "" {
+		return ""
+	}
+	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	if repl == nil {
+		return ""
+	}
+	return repl.ReplaceAll(expr, "")
+}
+
+// statusOf reads the status of a Caddy handler error (reverse_proxy answers 502 when it cannot
+// reach the upstream, 504 when it times out).
+func statusOf(err error) int {
+	var he caddyhttp.HandlerError
+	if errors.As(err, &he) {
+		return he.StatusCode
+	}
+	return 0
+}
+
+// appFrom finds the progress app of the config being provisioned, making it with defaults if
+// the Caddyfile has no `progress` global option.
+func appFrom(ctx caddy.Context) (*App, error) {
+	v, err := ctx.App("progress")
+	if err != nil {
+		return nil, err
+	}
+	return v.(*App), nil
+}
+
+var (
+	_ caddy.App          = (*App)(nil)
+	_ caddy.Provisioner  = (*App)(nil)
+	_ caddy.Validator    = (*App)(nil)
+	_ caddy.CleanerUpper = (*App)(nil)
+)

@@ -1,0 +1,225 @@
+package engine
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
+	"errors"
+	"net/http"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-progress/progress/store"
+)
+
+// Upstream sends a job's request on (in Caddy: the rest of the handler chain, such as
+// reverse_proxy) and writes the response to w. An error without a response written is the
+// upstream's failure; its HTTP status, if it has one (see StatusOf), names the failure.
+type Upstream func(w http.ResponseWriter, r *http.Request) error
+
+// StatusOf extracts an HTTP status from an upstream error (Caddy's handler errors carry one);
+// it returns 0 when there is none. Set by the Caddy module.
+type StatusOf func(err error) int
+
+// Engine runs jobs detached from the requests that started them. There is one per store,
+// shared by every route and API handler using that store, and it lives across config
+// reloads, so a reload never cuts a job's upstream request.
+type Engine struct {
+	Store    store.Store
+	Log      *zap.Logger
+	StatusOf StatusOf
+
+	tokenKey []byte
+
+	mu      sync.Mutex
+	running map[string]context.CancelCauseFunc
+	closed  bool
+	jobs    sync.WaitGroup
+}
+
+// New makes the engine of a store.
+func New(st store.Store, log *zap.Logger, statusOf StatusOf) *Engine {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	if statusOf == nil {
+		statusOf = func(error) int { return 0 }
+	}
+	m := hmac.New(sha256.New, st.Secret())
+	m.Write([]byte("caddy-progress callback token v1"))
+	return &Engine{Store: st, Log: log, StatusOf: statusOf, tokenKey: m.Sum(nil), running: make(map[string]context.CancelCauseFunc)}
+}
+
+// Token is the upstream's secret for reporting progress on job id (DESIGN.md section 4): an
+// HMAC of the id, useless for any other job.
+func (e *Engine) Token(id string) string {
+	m := hmac.New(sha256.New, e.tokenKey)
+	m.Write([]byte(id))
+	return base64.RawURLEncoding.EncodeToString(m.Sum(nil))
+}
+
+// errCanceled is the cause given to a job's context when a client cancels it.
+var errCanceled = errors.New("job canceled")
+
+// errShutdown is the cause given when the engine closes under running jobs.
+var errShutdown = errors.New("server shutting down")
+
+// Cancel ends a job as canceled and aborts its upstream request if it runs here.
+func (e *Engine) Cancel(ctx context.Context, id string) (*store.Job, error) {
+	job, _, err := e.Store.Cancel(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	e.mu.Lock()
+	cancel := e.running[id]
+	e.mu.Unlock()
+	if cancel != nil {
+		cancel(errCanceled)
+	}
+	return job, nil
+}
+
+// Close aborts the jobs still running and waits for them to record how they ended.
+func (e *Engine) Close() {
+	e.mu.Lock()
+	e.closed = true
+	for _, cancel := range e.running {
+		cancel(errShutdown)
+	}
+	e.mu.Unlock()
+	e.jobs.Wait()
+}
+
+// job is everything one running job needs.
+type job struct {
+	id       string
+	route    *Route
+	ticket   *ticket
+	request  *http.Request // detached from the client's context
+	body     *spooledBody
+	upstream Upstream
+	capture  *capture
+	done     chan struct{} // closed when the job has ended and its end is recorded
+}
+
+// start runs a created job on its own goroutine. It returns false if the engine is closing.
+func (e *Engine) start(j *job, ctx context.Context, cancel context.CancelCauseFunc) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return false
+	}
+	e.running[j.id] = cancel
+	e.jobs.Add(1)
+	go func() {
+		defer e.jobs.Done()
+		defer close(j.done)
+		defer func() {
+			e.mu.Lock()
+			delete(e.running, j.id)
+			e.mu.Unlock()
+			cancel(nil)
+		}()
+		e.run(ctx, j)
+	}()
+	return true
+}
+
+func (e *Engine) run(ctx context.Context, j *job) {
+	defer j.body.Close()
+	st := e.Store
+	// Records of the job's life use a context of their own: the job's may be canceled.
+	rec := context.WithoutCancel(ctx)
+	err := j.ticket.wait(ctx, func(position int) {
+		st.Update(rec, j.id, func(doc *store.Job) error {
+			if doc.State != store.Queued {
+				return store.ErrNoChange
+			}
+			doc.QueuePosition = &position
+			return nil
+		})
+	})
+	if err != nil {
+		e.end(rec, ctx, j, nil)
+		return
+	}
+	defer j.ticket.release()
+	if _, err := st.Update(rec, j.id, func(doc *store.Job) error {
+		doc.State = store.Running
+		return nil
+	}); err != nil {
+		// Canceled while queued (ErrFinished), or deleted: nothing to run.
+		j.capture.result.Discard()
+		return
+	}
+	j.request = j.request.WithContext(ctx)
+	upErr := j.upstream(j.capture, j.request)
+	e.end(rec, ctx, j, upErr)
+}
+
+// end records how a job ended, from the upstream's answer or failure and the job's context.
+func (e *Engine) end(rec, ctx context.Context, j *job, upErr error) {
+	c := j.capture
+	out := store.Outcome{State: store.Failed}
+	cause := context.Cause(ctx)
+	switch {
+	case errors.Is(cause, errCanceled):
+		c.result.Discard()
+		return // Cancel recorded it
+	case errors.Is(cause, errShutdown):
+		out.Error = &store.JobError{Code: store.CodeInterrupted, Message: "the server shut down before the upstream answered; start the job again"}
+	case errors.Is(cause, context.DeadlineExceeded):
+		out.Error = &store.JobError{Code: "upstream_timeout", Message: "the upstream did not answer within the job timeout (" + j.route.Timeout.String() + ")"}
+	case c.resultErr != nil && errors.Is(c.resultErr, store.ErrTooLarge):
+		out.Error = &store.JobError{Code: store.CodeResultTooLarge, Message: c.resultErr.Error()}
+	case c.resultErr != nil:
+		out.Error = &store.JobError{Code: "result_unstorable", Message: "the upstream's response could not be stored: " + c.resultErr.Error()}
+	case upErr != nil && c.wroteHeader:
+		out.Error = &store.JobError{Code: "upstream_incomplete", Message: "the upstream's response broke off: " + upErr.Error()}
+	case upErr != nil:
+		out.Error = upstreamError(e.StatusOf(upErr), upErr)
+	default:
+		status := c.status
+		if !c.wroteHeader {
+			status = http.StatusOK // a handler that wrote nothing answered 200 with no body
+		}
+		out.Response = &store.ResponseHead{Status: status, Header: c.header}
+		out.Body = c.result
+		if status < 400 {
+			out.State = store.Succeeded
+		}
+	}
+	if out.Body == nil {
+		c.result.Discard()
+	}
+	if _, err := e.Store.Finish(rec, j.id, out); err != nil && !errors.Is(err, store.ErrFinished) && !errors.Is(err, store.ErrNotFound) {
+		e.Log.Error("recording the end of a job", zap.String("job", j.id), zap.Error(err))
+	}
+}
+
+func upstreamError(status int, err error) *store.JobError {
+	switch status {
+	case http.StatusBadGateway:
+		return &store.JobError{Code: "upstream_unreachable", Message: "the upstream could not be reached: " + err.Error()}
+	case http.StatusGatewayTimeout:
+		return &store.JobError{Code: "upstream_timeout", Message: "the upstream timed out: " + err.Error()}
+	}
+	return &store.JobError{Code: "upstream_error", Message: err.Error()}
+}
+
+// retryAfter suggests, in seconds, when a client polling a job should look again.
+func retryAfter(j *store.Job) int {
+	if j.ETASeconds != nil {
+		return int(min(max(*j.ETASeconds/2, 1), 30))
+	}
+	if j.QueuePosition != nil {
+		return min(1+*j.QueuePosition, 30)
+	}
+	return 2
+}
+
+// jobTimeout bounds a job's upstream request when a route sets none.
+const defaultJobTimeout = time.Hour
