@@ -569,6 +569,9 @@ func (s *boltStore) Events(ctx context.Context, id string, after uint64, limit i
 	return evs, err
 }
 
+// maxReplayPresize bounds the buffer readEvents allocates up front.
+const maxReplayPresize = 32 << 20
+
 // readEvents reads up to limit events after seq `after` with one cursor seek. The documents are
 // copied out of the memory map into one shared buffer, so a page costs two allocations.
 func (s *boltStore) readEvents(tx *bolt.Tx, rid rawID, id string, after uint64, limit int) ([]Event, error) {
@@ -610,6 +613,10 @@ func (s *boltStore) readEvents(tx *bolt.Tx, rid rawID, id string, after uint64, 
 		kind, doc, err := decodeEvent(v)
 		if err != nil {
 			return nil, fmt.Errorf("%w (job %s seq %d)", err, id, seq)
+		}
+		if buf == nil {
+			// Documents of one job are much alike: size the buffer once from the first.
+			buf = make([]byte, 0, min(len(doc)*limit+len(doc)/4*limit, maxReplayPresize))
 		}
 		spans = append(spans, span{seq, kind, len(buf), len(buf) + len(doc)})
 		buf = append(buf, doc...)
@@ -655,6 +662,9 @@ func (s *boltStore) Wait(ctx context.Context, id string, after uint64) (Event, e
 		return Event{}, err
 	}
 	defer s.feed.unwatch(id, t)
+	wake := newWaker()
+	t.addWaker(wake)
+	defer t.removeWaker(wake)
 	var current Event
 	err = s.view(func(tx *bolt.Tx) error {
 		j, err := s.loadJob(tx, rid)
@@ -674,7 +684,7 @@ func (s *boltStore) Wait(ctx context.Context, id string, after uint64) (Event, e
 		return current, nil
 	}
 	for {
-		ev, ok, wait, err := t.newest(after)
+		ev, ok, err := t.newest(after)
 		if err != nil {
 			return Event{}, err
 		}
@@ -682,7 +692,7 @@ func (s *boltStore) Wait(ctx context.Context, id string, after uint64) (Event, e
 			return ev, nil
 		}
 		select {
-		case <-wait:
+		case <-wake:
 		case <-ctx.Done():
 			return Event{}, ctx.Err()
 		}

@@ -4,30 +4,39 @@ import (
 	"context"
 	"io"
 	"sync"
+	"sync/atomic"
 )
 
 // feed is the in-memory live tail that subscriptions and long-poll waiters read. It knows
 // nothing of where events are stored, so every Store implementation can share it.
 //
 // Only jobs someone is watching have a topic; publishing to any other job is one map look-up.
-// A topic keeps a short ring of the newest events and a channel that is closed on every
-// publish: publishing costs the same whatever the number of subscribers, and never waits for
-// one of them.
+// A topic holds an immutable snapshot of its newest events, which readers load without a lock,
+// and one wake-up channel per watcher, signalled without blocking on every publish. Publishing
+// never waits for a subscriber, and ten thousand subscribers woken by one event do not queue on
+// one lock (as they would on a shared channel closed for all).
 type feed struct {
 	mu     sync.RWMutex
 	topics map[string]*topic
 	closed bool
-	size   int // ring capacity
+	size   int // events per snapshot
 }
 
 type topic struct {
-	mu      sync.Mutex
-	ring    []Event // circular, contiguous in seq, capacity feed.size
-	first   int     // index of the oldest event in ring
-	changed chan struct{}
-	err     error // set when the job is deleted or the store closes
-	refs    int   // guarded by feed.mu
+	mu     sync.Mutex // serialises publishers; guards wakers
+	snap   atomic.Pointer[snapshot]
+	wakers map[chan struct{}]struct{}
+	refs   int // guarded by feed.mu
 }
+
+// snapshot is a topic's state at one moment; it never changes once published.
+type snapshot struct {
+	events []Event // contiguous in seq, oldest first
+	err    error   // set when the job is deleted or the store closes
+}
+
+// waker is a watcher's wake-up channel: one buffered signal means "look again".
+func newWaker() chan struct{} { return make(chan struct{}, 1) }
 
 func newFeed(size int) *feed {
 	return &feed{topics: make(map[string]*topic), size: size}
@@ -42,7 +51,8 @@ func (f *feed) watch(id string) (*topic, error) {
 	}
 	t := f.topics[id]
 	if t == nil {
-		t = &topic{ring: make([]Event, 0, f.size), changed: make(chan struct{})}
+		t = &topic{wakers: make(map[chan struct{}]struct{})}
+		t.snap.Store(&snapshot{})
 		f.topics[id] = t
 	}
 	t.refs++
@@ -64,7 +74,7 @@ func (f *feed) publish(ev Event) {
 	t := f.topics[ev.JobID]
 	f.mu.RUnlock()
 	if t != nil {
-		t.push(ev)
+		t.push(ev, f.size)
 	}
 }
 
@@ -88,85 +98,91 @@ func (f *feed) close() {
 	}
 }
 
-func (t *topic) push(ev Event) {
+func (t *topic) push(ev Event, size int) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.err != nil {
+	old := t.snap.Load()
+	if old.err != nil {
 		return
 	}
-	if n := len(t.ring); n > 0 && t.newestLocked().Seq+1 != ev.Seq {
+	kept := old.events
+	if n := len(kept); n > 0 && kept[n-1].Seq+1 != ev.Seq {
 		// Not contiguous (cannot happen while commits publish in order); start afresh rather
 		// than let a reader take a hole for a run.
-		t.ring, t.first = t.ring[:0], 0
+		kept = nil
 	}
-	if len(t.ring) < cap(t.ring) {
-		t.ring = append(t.ring, ev)
-	} else {
-		t.ring[t.first] = ev
-		t.first = (t.first + 1) % len(t.ring)
-	}
-	close(t.changed)
-	t.changed = make(chan struct{})
+	kept = kept[max(0, len(kept)-size+1):]
+	events := make([]Event, len(kept), len(kept)+1)
+	copy(events, kept)
+	t.snap.Store(&snapshot{events: append(events, ev)})
+	t.wakeLocked()
 }
 
 func (t *topic) fail(err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.err == nil {
-		t.err = err
-		close(t.changed)
+	if old := t.snap.Load(); old.err == nil {
+		t.snap.Store(&snapshot{events: old.events, err: err})
+		t.wakeLocked()
 	}
 }
 
-func (t *topic) oldestLocked() Event { return t.ring[t.first] }
-
-func (t *topic) newestLocked() Event {
-	return t.ring[(t.first+len(t.ring)-1)%len(t.ring)]
+func (t *topic) wakeLocked() {
+	for w := range t.wakers {
+		select {
+		case w <- struct{}{}:
+		default: // already signalled
+		}
+	}
 }
 
-// covers reports whether the ring holds every published event after seq `after`, so that a
-// reader caught up with the stored log to `after` can switch to the ring without a gap.
+// addWaker registers a watcher's wake-up channel; it is signalled on every later change.
+func (t *topic) addWaker(w chan struct{}) {
+	t.mu.Lock()
+	t.wakers[w] = struct{}{}
+	t.mu.Unlock()
+}
+
+func (t *topic) removeWaker(w chan struct{}) {
+	t.mu.Lock()
+	delete(t.wakers, w)
+	t.mu.Unlock()
+}
+
+// covers reports whether the topic holds every published event after seq `after`, so that a
+// reader caught up with the stored log to `after` can switch to the topic without a gap.
 func (t *topic) covers(after uint64) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return len(t.ring) == 0 || t.oldestLocked().Seq <= after+1
+	evs := t.snap.Load().events
+	return len(evs) == 0 || evs[0].Seq <= after+1
 }
 
-// next returns the event after seq `after` if the ring has it, else the newest event if that
+// next returns the event after seq `after` if the topic has it, else the newest event if that
 // is past `after` (the reader fell behind: progress is state, so it skips ahead). With nothing
-// newer it returns ok false and a channel closed at the next publish.
-func (t *topic) next(after uint64) (ev Event, ok bool, wait <-chan struct{}, err error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.err != nil {
-		return Event{}, false, nil, t.err
+// newer it returns ok false: wait on the watcher's waker.
+func (t *topic) next(after uint64) (ev Event, ok bool, err error) {
+	s := t.snap.Load()
+	if s.err != nil {
+		return Event{}, false, s.err
 	}
-	if len(t.ring) > 0 {
-		newest := t.newestLocked()
-		if newest.Seq > after {
-			oldest := t.oldestLocked()
-			if oldest.Seq <= after+1 {
-				return t.ring[(t.first+int(after+1-oldest.Seq))%len(t.ring)], true, nil, nil
-			}
-			return newest, true, nil, nil
+	if n := len(s.events); n > 0 && s.events[n-1].Seq > after {
+		if first := s.events[0].Seq; first <= after+1 {
+			return s.events[after+1-first], true, nil
 		}
+		return s.events[n-1], true, nil
 	}
-	return Event{}, false, t.changed, nil
+	return Event{}, false, nil
 }
 
-// newest returns the newest event if it is past `after`, else a channel to wait on.
-func (t *topic) newest(after uint64) (ev Event, ok bool, wait <-chan struct{}, err error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.err != nil {
-		return Event{}, false, nil, t.err
+// newest returns the newest event if it is past `after`.
+func (t *topic) newest(after uint64) (ev Event, ok bool, err error) {
+	s := t.snap.Load()
+	if s.err != nil {
+		return Event{}, false, s.err
 	}
-	if len(t.ring) > 0 {
-		if n := t.newestLocked(); n.Seq > after {
-			return n, true, nil, nil
-		}
+	if n := len(s.events); n > 0 && s.events[n-1].Seq > after {
+		return s.events[n-1], true, nil
 	}
-	return Event{}, false, t.changed, nil
+	return Event{}, false, nil
 }
 
 // replayPage is how many stored events a subscription reads at a time.
@@ -183,6 +199,7 @@ type loadFunc func(ctx context.Context, after uint64, limit int) ([]Event, error
 type subscription struct {
 	feed  *feed
 	topic *topic
+	wake  chan struct{}
 	id    string
 	load  loadFunc
 	last  uint64
@@ -193,7 +210,9 @@ type subscription struct {
 }
 
 func newSubscription(f *feed, t *topic, id string, after uint64, load loadFunc) *subscription {
-	return &subscription{feed: f, topic: t, id: id, load: load, last: after}
+	s := &subscription{feed: f, topic: t, wake: newWaker(), id: id, load: load, last: after}
+	t.addWaker(s.wake)
+	return s
 }
 
 func (s *subscription) Next(ctx context.Context) (Event, error) {
@@ -224,7 +243,7 @@ func (s *subscription) Next(ctx context.Context) (Event, error) {
 			s.live = s.topic.covers(s.last)
 			continue
 		}
-		ev, ok, wait, err := s.topic.next(s.last)
+		ev, ok, err := s.topic.next(s.last)
 		if err != nil {
 			return Event{}, err
 		}
@@ -232,7 +251,7 @@ func (s *subscription) Next(ctx context.Context) (Event, error) {
 			return s.deliver(ev), nil
 		}
 		select {
-		case <-wait:
+		case <-s.wake:
 		case <-ctx.Done():
 			return Event{}, ctx.Err()
 		}
@@ -249,5 +268,8 @@ func (s *subscription) deliver(ev Event) Event {
 }
 
 func (s *subscription) Close() {
-	s.once.Do(func() { s.feed.unwatch(s.id, s.topic) })
+	s.once.Do(func() {
+		s.topic.removeWaker(s.wake)
+		s.feed.unwatch(s.id, s.topic)
+	})
 }
