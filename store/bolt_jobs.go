@@ -180,6 +180,12 @@ func (s *boltStore) Create(ctx context.Context, spec NewJob) (*Job, bool, error)
 		OwnerHash: s.OwnerHash(spec.Owner), Route: spec.Route, Attrs: spec.Attrs,
 		fingerprint: cloneBytes(spec.Fingerprint),
 	}
+	if spec.Running {
+		if spec.QueuePosition > 0 {
+			return nil, false, fmt.Errorf("%w: a running job has no queue position", ErrInvalid)
+		}
+		fresh.State = Running
+	}
 	if spec.QueuePosition > 0 {
 		position := spec.QueuePosition
 		fresh.QueuePosition = &position
@@ -569,11 +575,8 @@ func (s *boltStore) Events(ctx context.Context, id string, after uint64, limit i
 	return evs, err
 }
 
-// maxReplayPresize bounds the buffer readEvents allocates up front.
-const maxReplayPresize = 32 << 20
-
 // readEvents reads up to limit events after seq `after` with one cursor seek. The documents are
-// copied out of the memory map into one shared buffer, so a page costs two allocations.
+// copied out of the memory map into one shared buffer, so a page costs three allocations.
 func (s *boltStore) readEvents(tx *bolt.Tx, rid rawID, id string, after uint64, limit int) ([]Event, error) {
 	if tx.Bucket(bucketJobs).Get(rid[:]) == nil {
 		return nil, ErrNotFound
@@ -597,15 +600,16 @@ func (s *boltStore) readEvents(tx *bolt.Tx, rid rawID, id string, after uint64, 
 		}
 		limit = 1
 	}
-	type span struct {
+	// The documents alias the memory map until the transaction ends: note them, then copy
+	// them out into one buffer of the exact size.
+	type stored struct {
 		seq  uint64
 		kind EventKind
-		from int
-		to   int
+		doc  []byte
 	}
-	var spans []span
-	var buf []byte
-	for ; k != nil && len(spans) < limit && bytes.HasPrefix(k, rid[:]); k, v = c.Next() {
+	var found []stored
+	total := 0
+	for ; k != nil && len(found) < limit && bytes.HasPrefix(k, rid[:]); k, v = c.Next() {
 		_, seq, err := decodeEventKey(k)
 		if err != nil {
 			return nil, err
@@ -614,16 +618,15 @@ func (s *boltStore) readEvents(tx *bolt.Tx, rid rawID, id string, after uint64, 
 		if err != nil {
 			return nil, fmt.Errorf("%w (job %s seq %d)", err, id, seq)
 		}
-		if buf == nil {
-			// Documents of one job are much alike: size the buffer once from the first.
-			buf = make([]byte, 0, min(len(doc)*limit+len(doc)/4*limit, maxReplayPresize))
-		}
-		spans = append(spans, span{seq, kind, len(buf), len(buf) + len(doc)})
-		buf = append(buf, doc...)
+		found = append(found, stored{seq, kind, doc})
+		total += len(doc)
 	}
-	evs := make([]Event, len(spans))
-	for i, sp := range spans {
-		evs[i] = Event{JobID: id, Seq: sp.seq, Kind: sp.kind, Data: buf[sp.from:sp.to:sp.to]}
+	buf := make([]byte, 0, total)
+	evs := make([]Event, len(found))
+	for i, f := range found {
+		from := len(buf)
+		buf = append(buf, f.doc...)
+		evs[i] = Event{JobID: id, Seq: f.seq, Kind: f.kind, Data: buf[from:len(buf):len(buf)]}
 	}
 	return evs, nil
 }

@@ -94,6 +94,9 @@ type NewJob struct {
 	Attrs map[string]string
 	// QueuePosition, when above 0, is the job's place in its route's queue.
 	QueuePosition int
+	// Running creates the job already running (its upstream request starts at once), which
+	// saves a write when nothing queues.
+	Running bool
 }
 
 // Outcome is how a job ended.
