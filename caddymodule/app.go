@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 
@@ -117,6 +118,22 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.shared = val.(*shared)
 	a.done, a.stop = context.WithCancel(context.Background())
+	// Caddy stops its apps in no set order, and on exit the http app waits for every request
+	// to end (grace_period is forever by default): end the event streams as soon as stopping
+	// begins, not when this app's Stop comes, or an open stream keeps Caddy from exiting.
+	if ev, err := ctx.App("events"); err == nil {
+		if events, ok := ev.(*caddyevents.App); ok {
+			events.On("stopping", onStopping(a.stop))
+		}
+	}
+	return nil
+}
+
+// onStopping runs a function when Caddy starts stopping a config.
+type onStopping func()
+
+func (f onStopping) Handle(context.Context, caddy.Event) error {
+	f()
 	return nil
 }
 

@@ -72,7 +72,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Engine: app.shared.engine, Mode: mode, After: time.Duration(h.After),
 		JobsPath: app.JobsPath, MaxWait: time.Duration(app.MaxWait), Concurrency: h.Concurrency,
 		MaxQueue: h.MaxQueue, Timeout: time.Duration(h.Timeout), CallbackBase: strings.TrimSuffix(h.CallbackBase, "/"),
-		MaxBody: h.MaxRequestBody, SpoolAbove: h.SpoolAbove,
+		MaxBody: h.MaxRequestBody, SpoolAbove: h.SpoolAbove, Done: app.done,
 	}
 	h.route.Init()
 	return nil

@@ -200,6 +200,7 @@ func (a *API) status(w http.ResponseWriter, r *http.Request, job *store.Job) err
 	if hasSeen && wait > 0 && job.Seq <= seen {
 		ctx, cancel := context.WithTimeout(r.Context(), wait)
 		defer cancel()
+		defer context.AfterFunc(a.Done, cancel)() // a stopping server must not wait for us
 		ev, err := a.Engine.Store.Wait(ctx, job.ID, seen)
 		switch {
 		case err == nil:
@@ -209,8 +210,9 @@ func (a *API) status(w http.ResponseWriter, r *http.Request, job *store.Job) err
 			}
 			writeJSONBytes(w, http.StatusOK, ev.Data)
 			return nil
-		case errors.Is(err, context.DeadlineExceeded) && r.Context().Err() == nil:
-			// Served in full, also on a finished job, so a careless loop cannot spin.
+		case (errors.Is(err, context.DeadlineExceeded) || a.Done.Err() != nil) && r.Context().Err() == nil:
+			// Served in full, also on a finished job, so a careless loop cannot spin; or cut
+			// short because this configuration stops (reload, shutdown): the client asks again.
 		case r.Context().Err() != nil:
 			return nil // the client left
 		default:
@@ -242,6 +244,7 @@ func (a *API) result(w http.ResponseWriter, r *http.Request, job *store.Job) err
 		if wait > 0 {
 			ctx, cancel := context.WithTimeout(r.Context(), wait)
 			defer cancel()
+			defer context.AfterFunc(a.Done, cancel)() // a stopping server must not wait for us
 			for !job.State.Terminal() {
 				ev, err := a.Engine.Store.Wait(ctx, job.ID, job.Seq)
 				if err != nil {

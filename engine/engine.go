@@ -101,6 +101,7 @@ type job struct {
 	request  *http.Request // detached from the client's context
 	body     *spooledBody
 	upstream Upstream
+	running  bool // created running: no queue wait, no state change before the upstream call
 	capture  *capture
 	done     chan struct{} // closed when the job has ended and its end is recorded
 }
@@ -147,13 +148,15 @@ func (e *Engine) run(ctx context.Context, j *job) {
 		return
 	}
 	defer j.ticket.release()
-	if _, err := st.Update(rec, j.id, func(doc *store.Job) error {
-		doc.State = store.Running
-		return nil
-	}); err != nil {
-		// Canceled while queued (ErrFinished), or deleted: nothing to run.
-		j.capture.result.Discard()
-		return
+	if !j.running {
+		if _, err := st.Update(rec, j.id, func(doc *store.Job) error {
+			doc.State = store.Running
+			return nil
+		}); err != nil {
+			// Canceled while queued (ErrFinished), or deleted: nothing to run.
+			j.capture.result.Discard()
+			return
+		}
 	}
 	j.request = j.request.WithContext(ctx)
 	upErr := j.upstream(j.capture, j.request)

@@ -56,6 +56,9 @@ type Route struct {
 	SpoolAbove int64
 	// SpoolDir holds spooled bodies; "" for the system's temporary folder.
 	SpoolDir string
+	// Done, when canceled (the configuration was replaced or the server stops), ends the
+	// waits of clients that sent Prefer: wait: they get their 202 at once.
+	Done context.Context
 
 	queue *queue
 }
@@ -88,6 +91,9 @@ func (rt *Route) Init() {
 	}
 	if rt.JobsPath == "" {
 		rt.JobsPath = DefaultJobsPath
+	}
+	if rt.Done == nil {
+		rt.Done = context.Background()
 	}
 	rt.queue = newQueue(rt.Concurrency, rt.MaxQueue)
 }
@@ -146,6 +152,7 @@ func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, owner Owner, upst
 		Route:          rt.Name,
 		BasePath:       rt.JobsPath,
 		QueuePosition:  ticket.Position(),
+		Running:        ticket.Position() == 0, // nothing ahead of it: it starts at once
 	}
 	if owner.Expr != "" {
 		spec.Attrs = map[string]string{AttrOwnerExpr: owner.Expr}
@@ -177,7 +184,7 @@ func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, owner Owner, upst
 		client = w
 	}
 	j := &job{
-		id: doc.ID, route: rt, ticket: ticket, body: body, upstream: upstream,
+		id: doc.ID, route: rt, ticket: ticket, body: body, upstream: upstream, running: doc.State == store.Running,
 		capture: newCapture(result, client), done: make(chan struct{}),
 	}
 	ctx, cancelJob := context.WithCancelCause(context.WithoutCancel(r.Context()))
@@ -208,6 +215,7 @@ func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, owner Owner, upst
 		return nil
 	case <-timer.C:
 	case <-r.Context().Done():
+	case <-rt.Done.Done(): // a stopping server must not wait for the upstream
 	}
 	if !j.capture.release() {
 		<-j.done

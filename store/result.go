@@ -166,15 +166,36 @@ func (s *boltStore) Result(ctx context.Context, id string) (*Result, error) {
 		r.Body = io.NopCloser(bytes.NewReader(inline))
 		return r, nil
 	}
-	f, err := os.Open(s.resultPath(id))
-	if os.IsNotExist(err) {
-		return nil, ErrNotFound // deleted between the look-up and the open
-	}
+	f, err := s.openResultFile(id, head.Size)
 	if err != nil {
 		return nil, err
 	}
 	r.Body = f
 	return r, nil
+}
+
+// openResultFile opens a job's committed body. Finish renames the body from its spool name to
+// its final one just after the commit that records it, so a reader between the two (one that
+// read the job as finished straight from the database) finds it under the spool name: the same
+// file either way.
+func (s *boltStore) openResultFile(id string, size int64) (*os.File, error) {
+	for range 2 {
+		f, err := os.Open(s.resultPath(id))
+		if !os.IsNotExist(err) {
+			return f, err
+		}
+		spools, _ := filepath.Glob(filepath.Join(s.resultsDir, tempPrefix+id+"-*"))
+		for _, name := range spools {
+			if f, err := os.Open(name); err == nil {
+				if info, err := f.Stat(); err == nil && info.Size() == size {
+					return f, nil
+				}
+				f.Close()
+			}
+		}
+		// The rename may have come between the two looks: look at the final name again.
+	}
+	return nil, ErrNotFound // deleted between the look-up and the open
 }
 
 // trashPrefix names a result file on its way out: moved there inside the transaction that
