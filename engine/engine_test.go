@@ -129,6 +129,18 @@ func (f *fixture) start(t *testing.T, prefer string, upstream Upstream) *httptes
 	return w
 }
 
+// startHeld starts a job whose upstream answers 200 once release is closed.
+func (f *fixture) startHeld(t *testing.T) (id string, release chan struct{}) {
+	t.Helper()
+	release = make(chan struct{})
+	w := f.start(t, "respond-async", func(w http.ResponseWriter, r *http.Request) error {
+		<-release
+		w.WriteHeader(http.StatusOK)
+		return nil
+	})
+	return docOf(t, w).ID, release
+}
+
 func (f *fixture) call(t *testing.T, method, target string, header http.Header) *httptest.ResponseRecorder {
 	t.Helper()
 	r := httptest.NewRequest(method, target, nil)
@@ -285,13 +297,7 @@ func TestCancelAbortsUpstream(t *testing.T) {
 
 func TestLongPollAndETag(t *testing.T) {
 	f := newFixture(t, Route{})
-	release := make(chan struct{})
-	w := f.start(t, "respond-async", func(w http.ResponseWriter, r *http.Request) error {
-		<-release
-		w.WriteHeader(http.StatusOK)
-		return nil
-	})
-	id := docOf(t, w).ID
+	id, release := f.startHeld(t)
 	get := f.call(t, "GET", "/_jobs/"+id, nil)
 	if get.Header().Get("ETag") != `"1"` || get.Header().Get("Retry-After") == "" {
 		t.Fatalf("status: %v", get.Header())
@@ -315,13 +321,7 @@ func TestLongPollAndETag(t *testing.T) {
 
 func TestEventStream(t *testing.T) {
 	f := newFixture(t, Route{})
-	release := make(chan struct{})
-	w := f.start(t, "respond-async", func(w http.ResponseWriter, r *http.Request) error {
-		<-release
-		w.WriteHeader(http.StatusOK)
-		return nil
-	})
-	id := docOf(t, w).ID
+	id, release := f.startHeld(t)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if err := f.api.ServeHTTP(w, r); err != nil {
 			var p *Problem
