@@ -6,6 +6,7 @@
 #   ./xcaddy.sh demo    build and start the demo                  (arrives with issue #4)
 #   ./xcaddy.sh test    formatting, go vet, staticcheck, go test -race over the whole module
 #   ./xcaddy.sh fuzz    run every fuzz target for FUZZTIME each (default 30s)
+#   ./xcaddy.sh bench   Caddy with the plugin against plain reverse_proxy; writes BENCHMARKS.md
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -60,6 +61,11 @@ verb_build() {
 	say "wrote ./caddy ($(./caddy version | head -1))"
 }
 
+verb_bench() {
+	say "go run ./tests/bench -write (about 10 minutes; see tests/bench/main.go)"
+	go run ./tests/bench -write
+}
+
 verb_unbuilt() {
 	echo "xcaddy.sh $1: not built yet. The demo arrives with issue #4; ./xcaddy.sh build works today." >&2
 	exit 2
@@ -70,8 +76,9 @@ case "${1:-}" in
 	fuzz) verb_fuzz ;;
 	build) verb_build ;;
 	demo) verb_unbuilt "$1" ;;
+	bench) verb_bench ;;
 	*)
-		echo "usage: $0 build | demo | test | fuzz" >&2
+		echo "usage: $0 build | demo | test | fuzz | bench" >&2
 		exit 2
 		;;
 esac
