@@ -46,8 +46,8 @@ type resultWriter struct {
 }
 
 func (s *boltStore) NewResult(ctx context.Context, id string) (ResultWriter, error) {
-	if _, err := s.Get(ctx, id); err != nil {
-		return nil, err
+	if _, ok := parseID(id); !ok {
+		return nil, ErrNotFound // the id also names the spool file: never a path from outside
 	}
 	return &resultWriter{store: s, id: id}, nil
 }

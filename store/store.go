@@ -30,7 +30,8 @@ type Store interface {
 	Update(ctx context.Context, id string, mutate func(*Job) error) (*Job, error)
 
 	// NewResult starts receiving the body of a job's upstream response. Hand the writer to
-	// Finish, or Discard it.
+	// Finish, or Discard it. It reads nothing: whether the job still exists is Finish's to
+	// find out (ErrNotFound), so starting a job costs no extra read.
 	NewResult(ctx context.Context, id string) (ResultWriter, error)
 
 	// Finish ends a job in a terminal state, with the upstream response when there was one.

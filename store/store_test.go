@@ -381,5 +381,21 @@ func TestMalformedIDsAreNotFound(t *testing.T) {
 		if _, err := s.Result(ctx, id); !errors.Is(err, ErrNotFound) {
 			t.Errorf("Result(%q): %v", id, err)
 		}
+		if _, err := s.NewResult(ctx, id); !errors.Is(err, ErrNotFound) {
+			t.Errorf("NewResult(%q): %v", id, err)
+		}
+	}
+	// A well-formed id of no job: the body is taken, then refused at Finish, and nothing stays.
+	gone := idEncoding.EncodeToString(make([]byte, idLen))
+	rw, err := s.NewResult(ctx, gone)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rw.Write(make([]byte, 2*DefaultInlineResultSize))
+	if _, err := s.Finish(ctx, gone, Outcome{State: Succeeded, Response: &ResponseHead{Status: 200}, Body: rw}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Finish of no job: %v", err)
+	}
+	if names, _ := readDirNames(s.resultsDir); len(names) != 0 {
+		t.Fatalf("results folder after a refused Finish: %v", names)
 	}
 }
