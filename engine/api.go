@@ -190,6 +190,10 @@ func parseSeq(s string) (uint64, error) {
 func etag(seq uint64) string { return `"` + strconv.FormatUint(seq, 10) + `"` }
 
 func (a *API) status(w http.ResponseWriter, r *http.Request, job *store.Job) error {
+	w.Header().Set("Vary", "Accept")
+	if wantsHTML(r.Header.Get("Accept")) {
+		return a.page(w, job)
+	}
 	seen, hasSeen, err := seenSeq(r)
 	if err != nil {
 		return err
