@@ -20,6 +20,7 @@ import (
 
 	"github.com/caddy-progress/progress/engine"
 	"github.com/caddy-progress/progress/store"
+	"github.com/caddy-progress/progress/upstreamhook"
 )
 
 func init() {
@@ -53,6 +54,12 @@ type App struct {
 	MaxDataSize int `json:"max_data_size,omitempty"`
 	// EventsPerJob is how many events per job are kept for Last-Event-ID replay. Default 1000.
 	EventsPerJob int `json:"events_per_job,omitempty"`
+	// CallbackSecret is the secret upstream callback tokens derive from (at least 32
+	// characters; placeholders such as {env.PROGRESS_SECRET} are expanded). Default: a random
+	// secret made once and kept in the store, which is all one instance needs.
+	CallbackSecret string `json:"callback_secret,omitempty"`
+	// MaxCallbackSize bounds the body of one upstream progress report. Default 64 KiB.
+	MaxCallbackSize int64 `json:"max_callback_size,omitempty"`
 
 	path   string
 	shared *shared
@@ -65,6 +72,9 @@ type App struct {
 func (App) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{ID: "progress", New: func() caddy.Module { return new(App) }}
 }
+
+// minSecretLen is the shortest callback_secret accepted: tokens are only as strong as it.
+const minSecretLen = 32
 
 // stores holds one open store and engine per file path, across config reloads: Caddy
 // provisions the new config before it cleans up the old one, and bbolt locks its file.
@@ -102,13 +112,20 @@ func (a *App) Provision(ctx caddy.Context) error {
 		MaxResultSize: a.MaxResultSize, MaxEventSize: a.MaxEventSize, MaxDataSize: a.MaxDataSize,
 		MaxEventsPerJob: a.EventsPerJob,
 	}
+	var secret []byte
+	if a.CallbackSecret != "" {
+		secret = []byte(caddy.NewReplacer().ReplaceKnown(a.CallbackSecret, ""))
+		if len(secret) < minSecretLen {
+			return fmt.Errorf("progress: callback_secret is %d characters long; use at least %d random ones", len(secret), minSecretLen)
+		}
+	}
 	logger := a.logger
 	val, loaded, err := stores.LoadOrNew(a.path, func() (caddy.Destructor, error) {
 		st, err := store.Open(a.path, opts)
 		if err != nil {
 			return nil, err
 		}
-		return &shared{store: st, engine: engine.New(st, logger, statusOf)}, nil
+		return &shared{store: st, engine: engine.New(st, logger, statusOf, secret)}, nil
 	})
 	if err != nil {
 		return fmt.Errorf("progress: %w", err)
@@ -147,7 +164,7 @@ func (a *App) Validate() error {
 			return fmt.Errorf("progress: %s must not be negative", name)
 		}
 	}
-	if a.MaxResultSize < 0 || a.MaxEventSize < 0 || a.MaxDataSize < 0 || a.EventsPerJob < 0 {
+	if a.MaxResultSize < 0 || a.MaxEventSize < 0 || a.MaxDataSize < 0 || a.EventsPerJob < 0 || a.MaxCallbackSize < 0 {
 		return errors.New("progress: limits must not be negative")
 	}
 	return nil
@@ -181,6 +198,7 @@ func (a *App) api() *engine.API {
 		Engine: a.shared.engine, JobsPath: a.JobsPath, MaxWait: time.Duration(a.MaxWait),
 		Heartbeat: time.Duration(a.Heartbeat), WriteTimeout: time.Duration(a.WriteTimeout),
 		OwnerOf: ownerOf, Done: a.done,
+		CallbackLimits: upstreamhook.Limits{MaxBody: a.MaxCallbackSize, MaxData: a.MaxDataSize},
 	}
 	api.Init()
 	return api

@@ -35,6 +35,8 @@ func init() {
 //		max_event_size  <size>
 //		max_data_size   <size>
 //		events_per_job  <count>
+//		callback_secret <secret>
+//		max_callback_size <size>
 //	}
 func parseGlobal(d *caddyfile.Dispenser, _ any) (any, error) {
 	app := new(App)
@@ -75,6 +77,10 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = oneIntSize(d, &a.MaxDataSize)
 		case "events_per_job":
 			err = oneInt(d, &a.EventsPerJob)
+		case "callback_secret":
+			err = oneString(d, &a.CallbackSecret)
+		case "max_callback_size":
+			err = oneSize(d, &a.MaxCallbackSize)
 		default:
 			return d.Errf("unrecognized subdirective %q", d.Val())
 		}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/caddy-progress/progress/store"
+	"github.com/caddy-progress/progress/upstreamhook"
 )
 
 // API serves the job endpoints under JobsPath (DESIGN.md section 3).
@@ -22,6 +23,8 @@ type API struct {
 	// WriteTimeout bounds one write to an event stream: a subscriber that stops reading is
 	// dropped after it.
 	WriteTimeout time.Duration
+	// CallbackLimits bound upstream progress reports.
+	CallbackLimits upstreamhook.Limits
 	// OwnerOf evaluates a job's owner expression for the request reading it.
 	OwnerOf func(r *http.Request, expr string) string
 	// Done ends every event stream when it is canceled (the configuration was replaced or the
@@ -71,8 +74,7 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
 		return notFound()
 	}
 	if action == "progress" {
-		return problem(http.StatusNotImplemented, "callbacks-not-built", "Progress callbacks not available yet",
-			"upstream progress callbacks arrive with the upstream-progress work (issue #4)")
+		return a.callback(w, r, id)
 	}
 	allowed := map[string]string{"": "GET, HEAD, DELETE", "events": "GET", "result": "GET, HEAD", "cancel": "POST"}[action]
 	if allowed == "" {
@@ -188,6 +190,10 @@ func parseSeq(s string) (uint64, error) {
 func etag(seq uint64) string { return `"` + strconv.FormatUint(seq, 10) + `"` }
 
 func (a *API) status(w http.ResponseWriter, r *http.Request, job *store.Job) error {
+	w.Header().Set("Vary", "Accept")
+	if wantsHTML(r.Header.Get("Accept")) {
+		return a.page(w, job)
+	}
 	seen, hasSeen, err := seenSeq(r)
 	if err != nil {
 		return err

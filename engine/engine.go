@@ -2,9 +2,6 @@ package engine
 
 import (
 	"context"
-	"crypto/hmac"
-	"crypto/sha256"
-	"encoding/base64"
 	"errors"
 	"net/http"
 	"sync"
@@ -13,6 +10,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-progress/progress/store"
+	"github.com/caddy-progress/progress/upstreamhook"
 )
 
 // Upstream sends a job's request on (in Caddy: the rest of the handler chain, such as
@@ -32,7 +30,10 @@ type Engine struct {
 	Log      *zap.Logger
 	StatusOf StatusOf
 
-	tokenKey []byte
+	signer  *upstreamhook.Signer
+	reports reports
+	// background counts goroutines the engine owns besides jobs (progress report writers).
+	background sync.WaitGroup
 
 	mu      sync.Mutex
 	running map[string]context.CancelCauseFunc
@@ -40,26 +41,24 @@ type Engine struct {
 	jobs    sync.WaitGroup
 }
 
-// New makes the engine of a store.
-func New(st store.Store, log *zap.Logger, statusOf StatusOf) *Engine {
+// New makes the engine of a store. Callback tokens derive from secret, or from the store's
+// own secret when secret is empty.
+func New(st store.Store, log *zap.Logger, statusOf StatusOf, secret []byte) *Engine {
 	if log == nil {
 		log = zap.NewNop()
 	}
 	if statusOf == nil {
 		statusOf = func(error) int { return 0 }
 	}
-	m := hmac.New(sha256.New, st.Secret())
-	m.Write([]byte("caddy-progress callback token v1"))
-	return &Engine{Store: st, Log: log, StatusOf: statusOf, tokenKey: m.Sum(nil), running: make(map[string]context.CancelCauseFunc)}
+	if len(secret) == 0 {
+		secret = st.Secret()
+	}
+	return &Engine{Store: st, Log: log, StatusOf: statusOf, signer: upstreamhook.NewSigner(secret), running: make(map[string]context.CancelCauseFunc)}
 }
 
 // Token is the upstream's secret for reporting progress on job id (DESIGN.md section 4): an
 // HMAC of the id, useless for any other job.
-func (e *Engine) Token(id string) string {
-	m := hmac.New(sha256.New, e.tokenKey)
-	m.Write([]byte(id))
-	return base64.RawURLEncoding.EncodeToString(m.Sum(nil))
-}
+func (e *Engine) Token(id string) string { return e.signer.Token(id) }
 
 // errCanceled is the cause given to a job's context when a client cancels it.
 var errCanceled = errors.New("job canceled")
@@ -91,6 +90,7 @@ func (e *Engine) Close() {
 	}
 	e.mu.Unlock()
 	e.jobs.Wait()
+	e.background.Wait()
 }
 
 // job is everything one running job needs.

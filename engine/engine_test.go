@@ -98,7 +98,7 @@ func newFixture(t *testing.T, route Route) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := New(st, nil, nil)
+	e := New(st, nil, nil, nil)
 	route.Engine = e
 	route.Init()
 	api := &API{Engine: e, Heartbeat: 50 * time.Millisecond}

@@ -825,7 +825,16 @@ type jobDoc struct {
 	State         string `json:"state"`
 	Seq           uint64 `json:"seq"`
 	QueuePosition *int   `json:"queue_position"`
-	Request       struct {
+	Progress      *struct {
+		Percent   *float64 `json:"percent"`
+		Current   *float64 `json:"current"`
+		Total     *float64 `json:"total"`
+		Stage     string   `json:"stage"`
+		Message   string   `json:"message"`
+		Estimated bool     `json:"estimated"`
+	} `json:"progress"`
+	ETASeconds *float64 `json:"eta_seconds"`
+	Request    struct {
 		Method string `json:"method"`
 		URI    string `json:"uri"`
 	} `json:"request"`

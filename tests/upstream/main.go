@@ -7,6 +7,9 @@
 //	/hang          answers only when the request's context ends (the client or proxy gave up)
 //	/large?size=N  N deterministic pseudo-random bytes, Content-Length and X-Checksum (sha256)
 //	/echo          the request body, with its Content-Type
+//	/report?steps=N&ms=M  reports progress N times through the sidecar's callback, M ms
+//	               apart, the way any language would (a plain JSON POST with the bearer token),
+//	               then answers 200 with the callback's answers and the token it used
 //	/seen?id=ID    what happened to the request of job ID (see seenHandler)
 //
 // Every endpoint is also served under one leading path segment (/jobs/slow, /serial/hang, …),
@@ -15,6 +18,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -57,6 +61,7 @@ func newMux() http.Handler {
 	handle("hang", reg.track(hangHandler))
 	handle("large", reg.track(largeHandler))
 	handle("echo", reg.track(echoHandler))
+	handle("report", reg.track(reportHandler))
 	mux.HandleFunc("/seen", reg.seenHandler)
 	return mux
 }
@@ -279,4 +284,50 @@ func echoHandler(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.Write(body)
+}
+
+// reportHandler posts progress reports to the sidecar (DESIGN.md section 4) and answers with
+// what the sidecar said to each.
+func reportHandler(w http.ResponseWriter, r *http.Request) {
+	steps, _ := strconv.Atoi(r.URL.Query().Get("steps"))
+	steps = min(max(steps, 1), 1000)
+	ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
+	ms = min(max(ms, 0), 60_000)
+	callback, token := r.Header.Get("Progress-Callback"), r.Header.Get("Progress-Token")
+	client := &http.Client{Timeout: 10 * time.Second}
+	var answers []int
+	for i := 1; i <= steps; i++ {
+		if i > 1 {
+			timer := time.NewTimer(time.Duration(ms) * time.Millisecond)
+			select {
+			case <-timer.C:
+			case <-r.Context().Done():
+				timer.Stop()
+				return
+			}
+		}
+		body, _ := json.Marshal(map[string]any{
+			"current": i, "total": steps, "stage": "step " + strconv.Itoa(i),
+			"message": fmt.Sprintf("done %d of %d", i, steps),
+		})
+		req, err := http.NewRequestWithContext(r.Context(), http.MethodPost, callback, bytes.NewReader(body))
+		if err != nil {
+			answers = append(answers, 0)
+			continue
+		}
+		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := client.Do(req)
+		if err != nil {
+			answers = append(answers, 0)
+			continue
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		answers = append(answers, resp.StatusCode)
+	}
+	writeJSON(w, http.StatusOK, map[string]any{
+		"answers": answers, "progress_job_id": r.Header.Get("Progress-Job-Id"),
+		"progress_callback": callback, "progress_token": token,
+	})
 }
