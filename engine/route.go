@@ -56,6 +56,9 @@ type Route struct {
 	SpoolAbove int64
 	// SpoolDir holds spooled bodies; "" for the system's temporary folder.
 	SpoolDir string
+	// EstimateInterval is how often a running job that does not report may get an estimated
+	// percent; 0 takes DefaultEstimateInterval, negative turns estimates off.
+	EstimateInterval time.Duration
 	// Done, when canceled (the configuration was replaced or the server stops), ends the
 	// waits of clients that sent Prefer: wait: they get their 202 at once.
 	Done context.Context
@@ -94,6 +97,9 @@ func (rt *Route) Init() {
 	}
 	if rt.Done == nil {
 		rt.Done = context.Background()
+	}
+	if rt.EstimateInterval == 0 {
+		rt.EstimateInterval = DefaultEstimateInterval
 	}
 	rt.queue = newQueue(rt.Concurrency, rt.MaxQueue)
 }
