@@ -162,7 +162,7 @@ func TestNewReporter(t *testing.T) {
 	s := newSidecar()
 	base, client := serveLoopback(t, s)
 	callback, token := s.callback(base, testJob)
-	r := NewReporter(callback, token, Options{Client: client})
+	r := newReporter(t, callback, token, Options{Client: client})
 	if !r.Active() || r.JobID() != testJob {
 		t.Fatalf("active %v, job %q", r.Active(), r.JobID())
 	}
@@ -199,7 +199,7 @@ func TestLatestWins(t *testing.T) {
 	}
 	base, client := serveLoopback(t, s)
 	callback, token := s.callback(base, testJob)
-	r := NewReporter(callback, token, Options{Client: client, MinInterval: -1})
+	r := newReporter(t, callback, token, Options{Client: client, MinInterval: -1})
 	r.Percent(1)
 	<-arrived
 	for p := 2.0; p <= 5; p++ {
@@ -228,7 +228,7 @@ func TestUpdatesAreNotMerged(t *testing.T) {
 	}
 	base, client := serveLoopback(t, s)
 	callback, token := s.callback(base, testJob)
-	r := NewReporter(callback, token, Options{Client: client, MinInterval: -1})
+	r := newReporter(t, callback, token, Options{Client: client, MinInterval: -1})
 	r.Percent(1)
 	<-arrived
 	r.Report(Update{Stage: "a", Percent: Float(2)})
@@ -272,7 +272,7 @@ func TestGivesUpForGood(t *testing.T) {
 			base, client := serveLoopback(t, s)
 			callback, token := tt.setup(s, base)
 			var l logs
-			r := NewReporter(callback, token, Options{Client: client, MinInterval: -1, Logf: l.logf})
+			r := newReporter(t, callback, token, Options{Client: client, MinInterval: -1, Logf: l.logf})
 			r.Percent(10)
 			waitIdle(t, r)
 			if r.Active() {
@@ -324,7 +324,7 @@ func TestRejectedUpdateIsDropped(t *testing.T) {
 			base, client := serveLoopback(t, s)
 			callback, token := s.callback(base, testJob)
 			var l logs
-			r := NewReporter(callback, token, Options{Client: client, MinInterval: -1, Logf: l.logf})
+			r := newReporter(t, callback, token, Options{Client: client, MinInterval: -1, Logf: l.logf})
 			r.Report(tt.first)
 			waitIdle(t, r)
 			if !r.Active() {
@@ -349,7 +349,7 @@ func TestReportChecksUpdatesLocally(t *testing.T) {
 	base, client := serveLoopback(t, s)
 	callback, token := s.callback(base, testJob)
 	var l logs
-	r := NewReporter(callback, token, Options{Client: client, Logf: l.logf})
+	r := newReporter(t, callback, token, Options{Client: client, Logf: l.logf})
 	bad := map[string]Update{
 		"empty update":   {},
 		"percent":        {Percent: Float(101)},
@@ -388,7 +388,7 @@ func TestReportCopiesData(t *testing.T) {
 	}
 	base, client := serveLoopback(t, s)
 	callback, token := s.callback(base, testJob)
-	r := NewReporter(callback, token, Options{Client: client, MinInterval: -1})
+	r := newReporter(t, callback, token, Options{Client: client, MinInterval: -1})
 	r.Percent(1)
 	<-arrived
 	data := []byte(`{"n":1}`)
@@ -416,7 +416,7 @@ func TestCloseAbortsWhenItsContextEnds(t *testing.T) {
 	}
 	base, client := serveLoopback(t, s)
 	callback, token := s.callback(base, testJob)
-	r := NewReporter(callback, token, Options{Client: client})
+	r := newReporter(t, callback, token, Options{Client: client})
 	r.Percent(1)
 	<-arrived
 	ctx, cancel := context.WithCancel(context.Background())
@@ -463,7 +463,7 @@ func TestRedirectIsNotFollowed(t *testing.T) {
 	}))
 	defer redirector.Close()
 	var l logs
-	r := NewReporter(redirector.URL+"/_jobs/"+testJob+"/progress", token, Options{Client: client, Logf: l.logf})
+	r := newReporter(t, redirector.URL+"/_jobs/"+testJob+"/progress", token, Options{Client: client, Logf: l.logf})
 	r.Percent(5)
 	waitIdle(t, r)
 	if r.Active() || redirects.Load() != 1 || s.count() != 0 {

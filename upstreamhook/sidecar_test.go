@@ -261,3 +261,17 @@ func waitIdle(t *testing.T, r *Reporter) {
 		t.Fatal("a goroutine is running again")
 	}
 }
+
+// abortReporter closes r at once, aborting whatever it was doing.
+func abortReporter(r *Reporter) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	r.Close(ctx)
+}
+
+// newReporter is NewReporter for a test, closed at its end if the test did not.
+func newReporter(t *testing.T, callback, token string, o Options) *Reporter {
+	r := NewReporter(callback, token, o)
+	t.Cleanup(func() { abortReporter(r) })
+	return r
+}

@@ -16,12 +16,17 @@ import (
 // These tests run in a synctest bubble, whose clock moves only when every goroutine in it is
 // blocked: durations below are exact, not measured.
 
-// bubbleReporter starts s in memory and a reporter on it for job-1.
+// bubbleReporter starts s in memory and a reporter on it for job-1. The returned stop ends
+// both, so that a test that fails half-way still leaves no goroutine in the bubble.
 func bubbleReporter(s *sidecar, o Options) (*Reporter, func()) {
-	base, client, stop := serveInMemory(s)
+	base, client, stopServer := serveInMemory(s)
 	callback, token := s.callback(base, testJob)
 	o.Client = client
-	return NewReporter(callback, token, o), stop
+	r := NewReporter(callback, token, o)
+	return r, func() {
+		abortReporter(r)
+		stopServer()
+	}
 }
 
 func closeWithin(t *testing.T, r *Reporter, d time.Duration) error {
