@@ -56,8 +56,9 @@ type Options struct {
 	// Default: 200 ms. A negative value sends as fast as the sidecar answers.
 	MinInterval time.Duration
 
-	// Logf receives one line when an update is dropped or a reporter stops for good.
-	// It must be safe for concurrent use. Default: log.Printf.
+	// Logf receives one line when an update is lost (malformed, refused, undeliverable) or a
+	// reporter stops for good; never the token. It must be safe for concurrent use.
+	// Default: log.Printf.
 	Logf func(format string, args ...any)
 }
 
@@ -93,9 +94,9 @@ func (o Options) config() config {
 	return c
 }
 
-// A Reporter sends one job's progress to the sidecar. Its methods never block the caller on
-// the network and are safe for concurrent use. A Reporter that did not come from a request
-// through the sidecar is a no-op: every method returns at once and Active is false.
+// A Reporter sends one job's progress to the sidecar. Its methods are safe for concurrent use,
+// and only Close waits on the network. A Reporter that did not come from a request through
+// the sidecar is a no-op: every method returns at once and Active is false.
 type Reporter struct {
 	url, token, jobID string // url is "" for the no-op reporter
 	config
@@ -155,7 +156,7 @@ func (c config) reporter(callbackURL, token, jobID string) *Reporter {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Reporter{
-		url: u.String(), token: token, jobID: jobID, config: c,
+		url: callbackURL, token: token, jobID: jobID, config: c,
 		ctx: ctx, cancel: cancel, closing: make(chan struct{}),
 	}
 }
@@ -218,9 +219,11 @@ func (o Options) Middleware(next http.Handler) http.Handler {
 
 // Report queues u to be sent, and returns at once. Only the latest update waits: one reported
 // before the previous was sent replaces it whole (fields are not merged, so report together
-// what belongs together). An update the sidecar would refuse as malformed or too large is
-// logged and dropped here, without displacing the one waiting. After Close, or once the
-// sidecar has said the job is gone or finished, Report does nothing.
+// what belongs together). An update the sidecar would refuse as malformed or too large (by
+// the default Limits) is logged and dropped here, without displacing the one waiting.
+// Transient failures (5xx, network) are retried with backoff for up to a minute; a 400 or 413
+// drops that update only. After Close, or once the sidecar has said the job is gone or
+// finished or the token is wrong (401, 404, 409), Report does nothing.
 //
 // u is encoded before Report returns: the caller may reuse u.Data.
 func (r *Reporter) Report(u Update) {
