@@ -13,7 +13,7 @@ import (
 
 func init() {
 	httpcaddyfile.RegisterGlobalOption("progress", parseGlobal)
-	httpcaddyfile.RegisterHandlerDirective("progress", parseHandler)
+	httpcaddyfile.RegisterDirective("progress", parseHandlerRoute)
 	httpcaddyfile.RegisterHandlerDirective("progress_api", parseAPI)
 	// Both come before reverse_proxy, so a Caddyfile needs no `order` line; progress_api first,
 	// so that job URLs are served before a `progress` matcher could claim them.
@@ -91,10 +91,30 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	return nil
 }
 
-func parseHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+// parseHandlerRoute does what httpcaddyfile.RegisterHandlerDirective does, and also names the
+// handler after its matcher token (/reports/*, @slow), which groups its jobs for estimates.
+func parseHandlerRoute(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error) {
+	if !h.Next() {
+		return nil, h.ArgErr()
+	}
+	matcherSet, hasMatcher, err := h.MatcherToken()
+	if err != nil {
+		return nil, err
+	}
+	matcherText := ""
+	if hasMatcher {
+		matcherText = h.Val()
+		h.Dispenser.Delete()
+	}
+	h.Dispenser.Reset()
 	handler := new(Handler)
-	err := handler.UnmarshalCaddyfile(h.Dispenser)
-	return handler, err
+	if err := handler.UnmarshalCaddyfile(h.Dispenser); err != nil {
+		return nil, err
+	}
+	if handler.Name == "" {
+		handler.Name = matcherText
+	}
+	return h.NewRoute(matcherSet, handler), nil
 }
 
 // UnmarshalCaddyfile reads the `progress` directive:
@@ -108,7 +128,11 @@ func parseHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //		owner            <placeholder expression>
 //		max_request_body <size>
 //		spool_above      <size>
+//		estimate         <interval> | off
+//		name             <name>
 //	}
+//
+// name defaults to the matcher token (such as /reports/* or @slow).
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive name
 	if d.NextArg() {
@@ -146,6 +170,22 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = oneSize(d, &h.MaxRequestBody)
 		case "spool_above":
 			err = oneSize(d, &h.SpoolAbove)
+		case "estimate":
+			args := d.RemainingArgs()
+			if len(args) != 1 {
+				return d.ArgErr()
+			}
+			if args[0] == "off" {
+				h.EstimateInterval = -1
+				break
+			}
+			every, perr := caddy.ParseDuration(args[0])
+			if perr != nil || every <= 0 {
+				return d.Errf("estimate %q: want a positive interval such as 1s, or off", args[0])
+			}
+			h.EstimateInterval = caddy.Duration(every)
+		case "name":
+			err = oneString(d, &h.Name)
 		default:
 			return d.Errf("unrecognized subdirective %q", d.Val())
 		}

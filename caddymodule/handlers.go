@@ -45,6 +45,13 @@ type Handler struct {
 	MaxRequestBody int64 `json:"max_request_body,omitempty"`
 	// SpoolAbove is the body size past which a request body waits on disk. Default 1 MiB.
 	SpoolAbove int64 `json:"spool_above,omitempty"`
+	// EstimateInterval is how often a running job whose upstream does not report gets an
+	// estimated percent and ETA, from the run times of this route's earlier jobs. Default 1s;
+	// negative turns estimates off.
+	EstimateInterval caddy.Duration `json:"estimate_interval,omitempty"`
+	// Name groups this route's jobs for estimates (with the request method). The Caddyfile
+	// sets it to the matcher token. Default: none, which all unnamed routes share.
+	Name string `json:"name,omitempty"`
 
 	route *engine.Route
 }
@@ -73,6 +80,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		JobsPath: app.JobsPath, MaxWait: time.Duration(app.MaxWait), Concurrency: h.Concurrency,
 		MaxQueue: h.MaxQueue, Timeout: time.Duration(h.Timeout), CallbackBase: strings.TrimSuffix(h.CallbackBase, "/"),
 		MaxBody: h.MaxRequestBody, SpoolAbove: h.SpoolAbove, Done: app.done,
+		EstimateInterval: time.Duration(h.EstimateInterval), Name: h.Name,
 	}
 	h.route.Init()
 	return nil

@@ -285,3 +285,43 @@ func TestApplyUpdate(t *testing.T) {
 		t.Fatalf("percent %v", *j.Progress.Percent)
 	}
 }
+
+// TestClientCannotForgeProgressHeaders: Progress-* headers a client sends never reach the
+// upstream, on a passthrough or on a job whose route sends no callback URL; otherwise an app
+// would post a job's real token to a URL of the client's choosing.
+func TestClientCannotForgeProgressHeaders(t *testing.T) {
+	f := newFixture(t, Route{}) // no CallbackBase
+	forged := http.Header{
+		"Progress-Job-Id":   {"forged-id"},
+		"Progress-Callback": {"https://attacker.example/steal"},
+		"Progress-Token":    {"forged-token"},
+	}
+	for _, prefer := range []string{"", "respond-async"} {
+		seen := make(chan http.Header, 1)
+		r := httptest.NewRequest("POST", "/reports", strings.NewReader("body"))
+		for k, v := range forged {
+			r.Header[k] = v
+		}
+		if prefer != "" {
+			r.Header.Set("Prefer", prefer)
+		}
+		w := httptest.NewRecorder()
+		if err := f.route.Serve(w, r, Owner{}, func(w http.ResponseWriter, r *http.Request) error {
+			seen <- r.Header.Clone()
+			w.WriteHeader(http.StatusOK)
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		h := <-seen
+		if h.Get("Progress-Callback") != "" || h.Get("Progress-Job-Id") == "forged-id" || h.Get("Progress-Token") == "forged-token" {
+			t.Errorf("Prefer %q: the upstream saw forged headers: %v", prefer, h)
+		}
+		if prefer != "" {
+			id := docOf(t, w).ID
+			if h.Get("Progress-Job-Id") != id || h.Get("Progress-Token") != f.engine.Token(id) {
+				t.Errorf("job %s: upstream saw job id %q and not the job's token", id, h.Get("Progress-Job-Id"))
+			}
+		}
+	}
+}

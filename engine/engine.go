@@ -30,8 +30,9 @@ type Engine struct {
 	Log      *zap.Logger
 	StatusOf StatusOf
 
-	signer  *upstreamhook.Signer
-	reports reports
+	signer    *upstreamhook.Signer
+	reports   reports
+	estimates estimator
 	// background counts goroutines the engine owns besides jobs (progress report writers).
 	background sync.WaitGroup
 
@@ -91,6 +92,7 @@ func (e *Engine) Close() {
 	e.mu.Unlock()
 	e.jobs.Wait()
 	e.background.Wait()
+	e.saveAllRunTimes()
 }
 
 // job is everything one running job needs.
@@ -159,8 +161,18 @@ func (e *Engine) run(ctx context.Context, j *job) {
 		}
 	}
 	j.request = j.request.WithContext(ctx)
+	started := time.Now()
+	routeKey := routeKey(j.request.Method, j.route.Name)
+	stopEstimates := e.followEstimates(ctx, j.id, routeKey, started, j.route.EstimateInterval)
 	upErr := j.upstream(j.capture, j.request)
+	ranFor := time.Since(started)
+	stopEstimates()
+	c := j.capture
+	succeeded := upErr == nil && ctx.Err() == nil && c.resultErr == nil && (!c.wroteHeader || c.status < 400)
 	e.end(rec, ctx, j, upErr)
+	if succeeded {
+		e.recordRunTime(routeKey, ranFor, time.Now())
+	}
 }
 
 // end records how a job ended, from the upstream's answer or failure and the job's context.

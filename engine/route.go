@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/caddy-progress/progress/store"
+	"github.com/caddy-progress/progress/upstreamhook"
 )
 
 // Mode says which matched requests become jobs.
@@ -56,6 +57,9 @@ type Route struct {
 	SpoolAbove int64
 	// SpoolDir holds spooled bodies; "" for the system's temporary folder.
 	SpoolDir string
+	// EstimateInterval is how often a running job that does not report may get an estimated
+	// percent; 0 takes DefaultEstimateInterval, negative turns estimates off.
+	EstimateInterval time.Duration
 	// Done, when canceled (the configuration was replaced or the server stops), ends the
 	// waits of clients that sent Prefer: wait: they get their 202 at once.
 	Done context.Context
@@ -95,6 +99,9 @@ func (rt *Route) Init() {
 	if rt.Done == nil {
 		rt.Done = context.Background()
 	}
+	if rt.EstimateInterval == 0 {
+		rt.EstimateInterval = DefaultEstimateInterval
+	}
 	rt.queue = newQueue(rt.Concurrency, rt.MaxQueue)
 }
 
@@ -117,6 +124,11 @@ func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, owner Owner, upst
 	prefs, err := ParsePrefer(r.Header)
 	if err != nil {
 		return problem(http.StatusBadRequest, "bad-prefer", "Malformed Prefer header", err.Error())
+	}
+	// Only the sidecar may speak for a job: a client's own Progress-* headers would have the
+	// upstream post a job's real token to a URL the client chose.
+	for _, name := range [...]string{upstreamhook.HeaderJobID, upstreamhook.HeaderCallback, upstreamhook.HeaderToken} {
+		r.Header.Del(name)
 	}
 	wait, async := rt.decide(prefs)
 	if !async {
@@ -259,10 +271,10 @@ func (rt *Route) upstreamRequest(r *http.Request, ctx context.Context, id string
 		up.Body, up.GetBody = http.NoBody, nil
 	}
 	up.Header.Del("Prefer") // handled here; the upstream must not answer 202 itself
-	up.Header.Set("Progress-Job-Id", id)
-	up.Header.Set("Progress-Token", rt.Engine.Token(id))
+	up.Header.Set(upstreamhook.HeaderJobID, id)
+	up.Header.Set(upstreamhook.HeaderToken, rt.Engine.Token(id))
 	if rt.CallbackBase != "" {
-		up.Header.Set("Progress-Callback", rt.CallbackBase+rt.JobsPath+"/"+id+"/progress")
+		up.Header.Set(upstreamhook.HeaderCallback, rt.CallbackBase+rt.JobsPath+"/"+id+"/progress")
 	}
 	return up
 }

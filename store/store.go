@@ -67,6 +67,14 @@ type Store interface {
 	// OwnerHash returns the keyed hash that binds jobs to owner (see Job.OwnedBy).
 	OwnerHash(owner string) []byte
 
+	// RouteDurations returns the recent run times of a route's jobs, oldest first, as last
+	// saved by SaveRouteDurations, for estimating the progress of jobs that never report.
+	RouteDurations(ctx context.Context, route string) ([]time.Duration, error)
+
+	// SaveRouteDurations replaces a route's kept run times with the newest
+	// MaxRouteDurations of ds.
+	SaveRouteDurations(ctx context.Context, route string, ds []time.Duration) error
+
 	// Secret returns 32 random bytes made once per store and kept in it, from which the server
 	// derives keys such as the upstream callback tokens.
 	Secret() []byte

@@ -133,6 +133,10 @@ func TestAdaptErrors(t *testing.T) {
 			[]string{`"lots" is not a size`, "Caddyfile:3"}},
 		{"negative count", ":8080 {\n\tprogress {\n\t\tconcurrency -1\n\t}\n\treverse_proxy 127.0.0.1:9000\n}\n",
 			[]string{`"-1" is not a whole number`}},
+		{"zero estimate interval", ":8080 {\n\tprogress {\n\t\testimate 0s\n\t}\n\treverse_proxy 127.0.0.1:9000\n}\n",
+			[]string{`estimate "0s"`, "or off", "Caddyfile:3"}},
+		{"estimate needs one argument", ":8080 {\n\tprogress {\n\t\testimate 1s off\n\t}\n\treverse_proxy 127.0.0.1:9000\n}\n",
+			[]string{"Caddyfile:3"}},
 		{"extra argument", ":8080 {\n\tprogress {\n\t\tconcurrency 4 5\n\t}\n\treverse_proxy 127.0.0.1:9000\n}\n",
 			[]string{"Caddyfile:3"}},
 	}

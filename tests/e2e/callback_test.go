@@ -82,3 +82,48 @@ func TestUpstreamCallbacks(t *testing.T) {
 		wantStatus(t, cl.do(t, http.MethodPost, other.Links.Cancel, nil), http.StatusOK)
 	})
 }
+
+// TestEstimatedProgress: an upstream that never reports still shows life. After two jobs of
+// the route took 3 s each, a third shows an estimated, rising percent and an ETA while it
+// runs, from Caddy's memory of the route's run times.
+func TestEstimatedProgress(t *testing.T) {
+	c := startCaddy(t, caddyOptions{})
+	cl := c.newClient(t, "h2")
+	first, _ := cl.startJob(t, http.MethodGet, "/jobs/slow?ms=3000", nil)
+	second, _ := cl.startJob(t, http.MethodGet, "/jobs/slow?ms=3000", nil)
+	for _, id := range []string{first.ID, second.ID} {
+		wantStatus(t, cl.result(t, id), http.StatusOK)
+	}
+	doc, _ := cl.startJob(t, http.MethodGet, "/jobs/slow?ms=3000", nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	live := cl.follow(ctx, doc.Links.Events, sseOptions{})
+	checkStream(t, "live", live)
+	var percents []float64
+	for _, ev := range live.Events[:len(live.Events)-1] {
+		d := ev.doc(t)
+		if d.Progress == nil {
+			continue
+		}
+		if !d.Progress.Estimated || d.Progress.Percent == nil || d.ETASeconds == nil {
+			t.Errorf("event %s: progress %+v eta %v, want an estimate with an ETA", ev.ID, d.Progress, d.ETASeconds)
+			continue
+		}
+		percents = append(percents, *d.Progress.Percent)
+		if *d.ETASeconds <= 0 || *d.ETASeconds > 3 {
+			t.Errorf("eta %v s on a job expected to take 3 s", *d.ETASeconds)
+		}
+	}
+	t.Logf("estimated percents %v over %d events", percents, len(live.Events))
+	if len(percents) < 2 {
+		t.Fatalf("saw %d estimates, want one a second for a 3 s job", len(percents))
+	}
+	for i := 1; i < len(percents); i++ {
+		if percents[i] <= percents[i-1] {
+			t.Errorf("estimates did not rise: %v", percents)
+		}
+	}
+	if last := live.Events[len(live.Events)-1].doc(t); last.State != "succeeded" {
+		t.Errorf("job ended %q", last.State)
+	}
+}
