@@ -124,12 +124,15 @@ func (c config) generate(w http.ResponseWriter, r *http.Request) {
 			Message: fmt.Sprintf("page %d of %d", page, c.pages),
 		})
 	}
-	rep.Report(upstreamhook.Update{Percent: upstreamhook.Float(97), Stage: "write", Message: "writing the report"})
+	// The sidecar keeps fields an update leaves out, so these repeat current and total: all
+	// pages are done.
+	all := upstreamhook.Float(float64(c.pages))
+	rep.Report(upstreamhook.Update{Percent: upstreamhook.Float(97), Current: all, Total: all, Stage: "write", Message: "writing the report"})
 	if !pause(ctx, c.page/2) {
 		logGone(job, "writing")
 		return
 	}
-	rep.Report(upstreamhook.Update{Percent: upstreamhook.Float(100), Stage: "write", Message: "report ready"})
+	rep.Report(upstreamhook.Update{Percent: upstreamhook.Float(100), Current: all, Total: all, Stage: "write", Message: "report ready"})
 
 	log.Printf("job %q: report of %d pages done in %v", job, c.pages, time.Since(start).Round(time.Millisecond))
 	writeJSON(w, map[string]any{
