@@ -3,7 +3,7 @@
 # installed globally: pinned tools run through `go run module@version`.
 #
 #   ./xcaddy.sh build   write ./caddy: Caddy with the plugin from this tree
-#   ./xcaddy.sh demo    build and start the demo                  (arrives with issue #4)
+#   ./xcaddy.sh demo    build ./caddy and the demo app (examples/), run both until Ctrl-C
 #   ./xcaddy.sh test    formatting, go vet, staticcheck, go test -race over the whole module
 #   ./xcaddy.sh fuzz    run every fuzz target for FUZZTIME each (default 30s)
 #   ./xcaddy.sh bench   Caddy with the plugin against plain reverse_proxy; writes BENCHMARKS.md
@@ -66,16 +66,113 @@ verb_bench() {
 	go run ./tests/bench -write
 }
 
-verb_unbuilt() {
-	echo "xcaddy.sh $1: not built yet. The demo arrives with issue #4; ./xcaddy.sh build works today." >&2
-	exit 2
+# verb_demo runs the demo: the demo app (examples/demoapp) and ./caddy with examples/Caddyfile,
+# both on loopback, until Ctrl-C. Everything they write stays in .demo/: the job store, Caddy's
+# local CA and certificates (XDG_DATA_HOME), its autosaved config (XDG_CONFIG_HOME) and logs.
+verb_demo() {
+	command -v curl >/dev/null || { echo "xcaddy.sh demo: needs curl, to see when the demo is up" >&2; exit 1; }
+	verb_build
+	local state
+	state="$(pwd)/.demo"
+	mkdir -p "$state/bin" "$state/data" "$state/config"
+	say "go build ./examples/demoapp"
+	go build -o "$state/bin/demoapp" ./examples/demoapp
+
+	export DEMO_PORT="${DEMO_PORT:-8443}" DEMO_CALLBACK_PORT="${DEMO_CALLBACK_PORT:-8480}"
+	export DEMO_APP_PORT="${DEMO_APP_PORT:-8481}" DEMO_ADMIN_PORT="${DEMO_ADMIN_PORT:-2119}"
+	export DEMO_STATE="$state" DEMO_SITE="$(pwd)/examples/site"
+	local url="https://localhost:$DEMO_PORT/"
+
+	# One cleanup for every way out (Ctrl-C, kill, an error below). The INT and TERM traps
+	# only exit; the EXIT trap then stops both processes.
+	trap demo_stop EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+
+	say "starting the demo app on 127.0.0.1:$DEMO_APP_PORT (log: .demo/demoapp.log)"
+	"$state/bin/demoapp" -addr "127.0.0.1:$DEMO_APP_PORT" >"$state/demoapp.log" 2>&1 &
+	demo_pids+=($!)
+	local app_pid=$!
+	say "starting caddy with examples/Caddyfile (log: .demo/caddy.log)"
+	XDG_DATA_HOME="$state/data" XDG_CONFIG_HOME="$state/config" \
+		./caddy run --config examples/Caddyfile --adapter caddyfile >"$state/caddy.log" 2>&1 &
+	demo_pids+=($!)
+	local caddy_pid=$!
+
+	demo_wait "the demo app" "$app_pid" "$state/demoapp.log" \
+		curl -fsS -o /dev/null "http://127.0.0.1:$DEMO_APP_PORT/healthz"
+	# -k: the certificate comes from Caddy's local CA, which this machine does not trust
+	# (skip_install_trust); the first good answer also means the certificate has been issued.
+	demo_wait "caddy" "$caddy_pid" "$state/caddy.log" \
+		curl -fsSk -o /dev/null --resolve "localhost:$DEMO_PORT:127.0.0.1" "$url"
+
+	printf '\n== the demo is running\n\n'
+	printf '   open  %s\n' "$url"
+	printf '         (the browser will warn about the certificate: it comes from Caddy'\''s local CA in .demo/)\n\n'
+	printf '   or with curl:\n'
+	printf "     curl -ik -X POST -H 'Prefer: respond-async' %sreports/generate\n" "$url"
+	printf '     curl -Nk %s_jobs/<id>/events\n' "$url"
+	printf '     curl -k  %s_jobs/<id>/result\n\n' "$url"
+	printf '   logs: .demo/caddy.log, .demo/demoapp.log (followed below)      stop: Ctrl-C\n\n'
+	# Follow the app's log here, so the pages it renders show up as they happen.
+	tail -n 0 -f "$state/demoapp.log" &
+	demo_pids+=($!)
+	# Either process ending on its own ends the demo. (A poll rather than `wait -n`, which
+	# older bash lacks; Ctrl-C reaches sleep too, so it does not delay the stop.)
+	while kill -0 "$app_pid" 2>/dev/null && kill -0 "$caddy_pid" 2>/dev/null; do
+		sleep 1
+	done
+	echo "xcaddy.sh demo: a demo process exited on its own; see .demo/caddy.log and .demo/demoapp.log" >&2
+	exit 1
+}
+
+demo_pids=()
+
+# demo_wait NAME PID LOG CMD...: runs CMD every 200ms until it succeeds; fails after 60s or as
+# soon as the process PID has exited, showing the end of its log.
+demo_wait() {
+	local name=$1 pid=$2 log=$3
+	shift 3
+	local deadline=$((SECONDS + 60))
+	until "$@" 2>/dev/null; do
+		if ! kill -0 "$pid" 2>/dev/null; then
+			echo "xcaddy.sh demo: $name exited at start; the end of its log ($log):" >&2
+			tail -n 20 "$log" >&2
+			exit 1
+		fi
+		if ((SECONDS >= deadline)); then
+			echo "xcaddy.sh demo: $name did not answer within 60s; the end of its log ($log):" >&2
+			tail -n 20 "$log" >&2
+			exit 1
+		fi
+		sleep 0.2
+	done
+}
+
+# demo_stop sends SIGTERM to every process the demo started, as a service manager would, waits
+# up to 10 seconds for them all, then sends SIGKILL to any still there.
+demo_stop() {
+	trap - EXIT INT TERM
+	[ ${#demo_pids[@]} -eq 0 ] && return
+	printf '\n== stopping the demo\n'
+	local pid
+	for pid in "${demo_pids[@]}"; do
+		kill -TERM "$pid" 2>/dev/null || true
+	done
+	local deadline=$((SECONDS + 10))
+	for pid in "${demo_pids[@]}"; do
+		while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+		kill -KILL "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+	done
+	demo_pids=()
 }
 
 case "${1:-}" in
 	test) verb_test ;;
 	fuzz) verb_fuzz ;;
 	build) verb_build ;;
-	demo) verb_unbuilt "$1" ;;
+	demo) verb_demo ;;
 	bench) verb_bench ;;
 	*)
 		echo "usage: $0 build | demo | test | fuzz | bench" >&2
