@@ -721,3 +721,73 @@ func BenchmarkOpen1M(b *testing.B) {
 		}
 	})
 }
+
+// benchLifeWriters matches the HTTP harness's 2 connections × 16 streams.
+const (
+	benchLifeWriters = 32
+	benchLifePrefill = 50000
+)
+
+// benchWriteBytes reads what this process has written to storage (/proc/self/io), so that a
+// benchmark can report the bytes a job costs the disk, page rewrites included.
+func benchWriteBytes() int64 {
+	data, err := os.ReadFile("/proc/self/io")
+	if err != nil {
+		return 0
+	}
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "write_bytes: "); ok {
+			n, _ := strconv.ParseInt(v, 10, 64)
+			return n
+		}
+	}
+	return 0
+}
+
+// BenchmarkJobLife measures what the `progress` handler asks of the store per job: a Create of
+// a running job, then a Finish with the upstream's 29-byte answer, by 32 concurrent writers,
+// on a store that already holds benchLifePrefill finished jobs (a fresh file flatters random
+// keys: its trees fit in a few pages). It reports finished jobs per second and the bytes
+// written to storage per job.
+func BenchmarkJobLife(b *testing.B) {
+	ctx := context.Background()
+	s := benchOpenStore(b, b.TempDir(), Options{})
+	defer s.Close()
+	body := []byte(`{"ok":true,"took_ms":0,"n":42}` + "\n")[:29]
+	life := func() error {
+		j, _, err := s.Create(ctx, NewJob{Request: RequestInfo{Method: "POST", URI: "/reports/generate"}, Route: "reports", Running: true})
+		if err != nil {
+			return err
+		}
+		rw, err := s.NewResult(ctx, j.ID)
+		if err != nil {
+			return err
+		}
+		if _, err := rw.Write(body); err != nil {
+			return err
+		}
+		_, err = s.Finish(ctx, j.ID, Outcome{State: Succeeded, Body: rw,
+			Response: &ResponseHead{Status: 200, Header: map[string][]string{"Content-Type": {"application/json"}}}})
+		return err
+	}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	errs := make([]error, benchLifeWriters)
+	for w := range errs {
+		wg.Go(func() {
+			for next.Add(1) <= benchLifePrefill {
+				if errs[w] = life(); errs[w] != nil {
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		b.Fatal(err)
+	}
+	written := benchWriteBytes()
+	benchWriters(b, benchLifeWriters, func(int, uint64) error { return life() })
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "jobs/s")
+	b.ReportMetric(float64(benchWriteBytes()-written)/float64(b.N), "disk-B/job")
+}
