@@ -36,7 +36,7 @@ var benchValue = bytes.Repeat([]byte("x"), benchEventSize)
 // benchMessage is a progress message that makes the document of a running job, as the
 // benchmarks write it, about benchEventSize bytes long.
 var benchMessage = func() string {
-	_, idText := newID()
+	_, idText := newID(time.Now())
 	now := time.Now().UTC()
 	j := &Job{
 		ID: idText, State: Running, Seq: 1000, Request: RequestInfo{Method: "POST", URI: "/reports"},
@@ -264,7 +264,7 @@ func BenchmarkReplay10k(b *testing.B) {
 	b.Run("raw-cursor", func(b *testing.B) {
 		db := benchOpenRaw(b, b.TempDir())
 		defer db.Close()
-		rid, _ := newID()
+		rid, _ := newID(time.Now())
 		if err := db.Update(func(tx *bolt.Tx) error {
 			bk, err := tx.CreateBucket(bucketEvents)
 			if err != nil {
@@ -392,7 +392,7 @@ func BenchmarkFanout10k(b *testing.B) {
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		f := newFeed(DefaultLiveEvents)
-		_, id := newID()
+		_, id := newID(time.Now())
 		doc := append([]byte(nil), benchValue...)
 		subs := make([]*subscription, benchSubscribers)
 		for i := range subs {
@@ -466,7 +466,7 @@ func benchAddJobs(path string, n int, finished bool) error {
 		err := s.db.Update(func(tx *bolt.Tx) error {
 			now := time.Now().UTC()
 			for i := range batch {
-				_, id := newID()
+				_, id := newID(now)
 				j := &Job{
 					ID: id, State: Queued, Request: RequestInfo{Method: "POST", URI: "/reports?n=" + strconv.Itoa(done+i)},
 					Links: linksFor(DefaultBasePath, id), OwnerHash: owners[(done+i)%len(owners)], CreatedAt: now,
@@ -615,14 +615,14 @@ func benchOpenMemory(b *testing.B, path string) {
 // BenchmarkOpen1M opens a store file holding 1,000,000 finished jobs: the time to open must
 // not depend on how many finished jobs are kept.
 func BenchmarkOpen1M(b *testing.B) {
-	cached := benchCachedFile(b, "open1m.db", func(tmp string) error {
+	cached := benchCachedFile(b, "open1m-v2.db", func(tmp string) error {
 		return benchAddJobs(tmp, benchOpenJobs, true)
 	})
 	fi, err := os.Stat(cached)
 	if err != nil {
 		b.Fatal(err)
 	}
-	compacted := benchCachedFile(b, "open1m-compacted.db", func(tmp string) error {
+	compacted := benchCachedFile(b, "open1m-v2-compacted.db", func(tmp string) error {
 		return benchCompact(cached, tmp)
 	})
 	small := filepath.Join(b.TempDir(), "open1k.db")

@@ -174,9 +174,11 @@ func (s *boltStore) Create(ctx context.Context, spec NewJob) (*Job, bool, error)
 	if base == "" {
 		base = DefaultBasePath
 	}
-	_, idText := newID()
+	// The creation time is taken here, not at the commit, because the id carries it.
+	now := time.Now().UTC()
+	_, idText := newID(now)
 	fresh := &Job{
-		ID: idText, State: Queued, Request: spec.Request, Links: linksFor(base, idText),
+		ID: idText, State: Queued, CreatedAt: now, Request: spec.Request, Links: linksFor(base, idText),
 		OwnerHash: s.OwnerHash(spec.Owner), Route: spec.Route, Attrs: spec.Attrs,
 		fingerprint: cloneBytes(spec.Fingerprint),
 	}
@@ -216,7 +218,6 @@ func (s *boltStore) Create(ctx context.Context, spec NewJob) (*Job, bool, error)
 			}
 		}
 		j := fresh.clone()
-		j.CreatedAt = time.Now().UTC()
 		var err error
 		if ev, err = s.write(tx, nil, j, j.CreatedAt); err != nil {
 			return err

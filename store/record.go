@@ -14,9 +14,17 @@ import (
 // This file holds the encodings of stored keys and records, so that every decoder of what is
 // on disk sits in one place (and is fuzzed in record_fuzz_test.go).
 
+// A job id is a 48-bit big-endian creation time in milliseconds followed by 144 random bits.
+// The random bits make it unguessable (DESIGN.md asks for at least 128); the time prefix makes
+// the keys of every tree keyed by id (jobs, events, active, results) grow at the right edge, so
+// that the jobs of one commit share a few leaf pages instead of dirtying a random page each in
+// every tree (BENCHMARKS.md, issue 3). 24 bytes make 32 base64url characters with no padding
+// bits, so an id has exactly one spelling.
 const (
-	idLen      = 16 // random bytes in a job id: 128 bits
-	idTextLen  = 22 // base64url, unpadded
+	idTimeLen  = 6  // milliseconds since 1970 fit 48 bits until the year 10889
+	idRandLen  = 18 // 144 random bits
+	idLen      = idTimeLen + idRandLen
+	idTextLen  = 32 // base64url, unpadded
 	hashLen    = 32 // HMAC-SHA256
 	seqLen     = 8
 	timeLen    = 8
@@ -27,15 +35,21 @@ var idEncoding = base64.RawURLEncoding
 
 type rawID [idLen]byte
 
-func newID() (rawID, string) {
+// newID makes the id of a job created at now.
+func newID(now time.Time) (rawID, string) {
 	var id rawID
-	if _, err := rand.Read(id[:]); err != nil {
+	ms := uint64(now.UnixMilli())
+	for i := idTimeLen - 1; i >= 0; i-- {
+		id[i] = byte(ms)
+		ms >>= 8
+	}
+	if _, err := rand.Read(id[idTimeLen:]); err != nil {
 		panic(err) // crypto/rand never fails on Linux; a job id without entropy must not exist
 	}
 	return id, idEncoding.EncodeToString(id[:])
 }
 
-// parseID decodes a job id; anything that is not exactly 22 base64url characters is unknown.
+// parseID decodes a job id; anything that is not exactly 32 base64url characters is unknown.
 func parseID(s string) (rawID, bool) {
 	var id rawID
 	if len(s) != idTextLen {

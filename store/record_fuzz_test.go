@@ -137,7 +137,7 @@ func FuzzDecodeJob(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Add(fullRec)
-	_, id := newID()
+	_, id := newID(time.Now())
 	now := time.Now().UTC()
 	queued := &Job{ID: id, State: Queued, Seq: 1, Request: RequestInfo{Method: "GET", URI: "/"},
 		CreatedAt: now, UpdatedAt: now, Links: linksFor("/jobs", id)}
@@ -342,14 +342,14 @@ func FuzzDecodeOwnerKey(f *testing.F) {
 
 func FuzzParseID(f *testing.F) {
 	_, fixed := fuzzID()
-	_, fresh := newID()
+	_, fresh := newID(time.Now())
 	f.Add(fixed)
 	f.Add(fresh)
-	f.Add("AAAAAAAAAAAAAAAAAAAAAA")
-	f.Add("AAAAAAAAAAAAAAAAAAAAAB") // non-zero padding bits: another spelling of the same id
-	f.Add("AAAAAAAAAAAAAAAAAAAA==") // padded
-	f.Add("AAAAAAAAAAAAAAAAAAAAA\n")
-	f.Add("++++++++++++++++++++++") // standard, not URL, alphabet
+	f.Add("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+	f.Add("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==") // padded
+	f.Add("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n")
+	f.Add("++++++++++++++++++++++++++++++++") // standard, not URL, alphabet
+	f.Add("AAAAAAAAAAAAAAAAAAAAAB")           // the 22-character ids of before issue 3
 	f.Add(fixed[:idTextLen-1])
 	f.Add(fixed + "A")
 	f.Add("")
@@ -364,7 +364,7 @@ func FuzzParseID(f *testing.F) {
 		if enc := idEncoding.EncodeToString(id[:]); enc != s {
 			t.Fatalf("accepted %q, another spelling of %q", s, enc)
 		}
-		// Every id made from 16 bytes parses back to them.
+		// Every id made from idLen bytes parses back to them.
 		var other rawID
 		copy(other[:], s)
 		text := idEncoding.EncodeToString(other[:])

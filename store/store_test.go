@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	bolt "go.etcd.io/bbolt"
 )
@@ -397,5 +398,30 @@ func TestMalformedIDsAreNotFound(t *testing.T) {
 	}
 	if names, _ := readDirNames(s.resultsDir); len(names) != 0 {
 		t.Fatalf("results folder after a refused Finish: %v", names)
+	}
+}
+
+// TestIDsFollowCreation checks what the write pattern relies on: ids of later jobs sort after
+// earlier ones as raw keys, and each still carries at least 128 random bits.
+func TestIDsFollowCreation(t *testing.T) {
+	start := time.Date(2026, 11, 24, 14, 0, 0, 0, time.UTC)
+	prev, _ := newID(start)
+	for i := 1; i <= 1000; i++ {
+		id, text := newID(start.Add(time.Duration(i) * time.Millisecond))
+		if bytes.Compare(prev[:], id[:]) >= 0 {
+			t.Fatalf("id %x of a later millisecond sorts before %x", id, prev)
+		}
+		if back, ok := parseID(text); !ok || back != id {
+			t.Fatalf("%q does not parse back to %x", text, id)
+		}
+		prev = id
+	}
+	if idRandLen*8 < 128 {
+		t.Fatalf("%d random bits", idRandLen*8)
+	}
+	a, _ := newID(start)
+	b, _ := newID(start)
+	if a == b {
+		t.Fatal("two ids of the same millisecond are equal")
 	}
 }
