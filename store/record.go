@@ -158,11 +158,31 @@ type jobRecord struct {
 	Attrs       map[string]string `json:"attrs,omitempty"`
 }
 
+// jobPrivate is jobRecord without the document.
+type jobPrivate struct {
+	V           int               `json:"v"`
+	Owner       []byte            `json:"owner,omitempty"`
+	Idem        []byte            `json:"idem,omitempty"`
+	Fingerprint []byte            `json:"fp,omitempty"`
+	Route       string            `json:"route,omitempty"`
+	Attrs       map[string]string `json:"attrs,omitempty"`
+}
+
+// encodeJob makes a job record around doc, which json.Marshal made. The document is spliced in
+// rather than marshalled as a json.RawMessage, which would scan and compact it again.
 func encodeJob(j *Job, doc []byte) ([]byte, error) {
-	return json.Marshal(jobRecord{
-		V: recVersion, Doc: doc, Owner: j.OwnerHash, Idem: j.idemHash,
+	priv, err := json.Marshal(jobPrivate{
+		V: recVersion, Owner: j.OwnerHash, Idem: j.idemHash,
 		Fingerprint: j.fingerprint, Route: j.Route, Attrs: j.Attrs,
 	})
+	if err != nil {
+		return nil, err
+	}
+	rec := make([]byte, 0, len(priv)+len(`,"doc":`)+len(doc))
+	rec = append(rec, priv[:len(priv)-1]...) // without its closing brace
+	rec = append(rec, `,"doc":`...)
+	rec = append(rec, doc...)
+	return append(rec, '}'), nil
 }
 
 // decodeJob reads a job record and checks what the rest of the store relies on.

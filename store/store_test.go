@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -423,5 +424,87 @@ func TestIDsFollowCreation(t *testing.T) {
 	b, _ := newID(start)
 	if a == b {
 		t.Fatal("two ids of the same millisecond are equal")
+	}
+}
+
+// TestLiveChanges attacks the in-memory copies of unfinished jobs (live.go): concurrent
+// updates, a cancel and, for half the jobs, a delete. Every surviving job's events must run
+// 1, 2, … with no gap, its stored document must be its newest event's, and no finished or
+// deleted job may stay in memory.
+func TestLiveChanges(t *testing.T) {
+	s := openTest(t, Options{})
+	ctx := context.Background()
+	const (
+		jobs        = 16
+		writersEach = 4
+		updatesEach = 30
+	)
+	ids := make([]string, jobs)
+	var wg sync.WaitGroup
+	for n := range jobs {
+		ids[n] = newJob(t, s).ID
+		for w := range writersEach + 2 {
+			wg.Go(func() {
+				switch {
+				case w < writersEach:
+					for i := range updatesEach {
+						_, err := s.Update(ctx, ids[n], percent(float64(i)))
+						if err != nil && !errors.Is(err, ErrFinished) && !errors.Is(err, ErrNotFound) {
+							t.Error(err)
+							return
+						}
+					}
+				case w == writersEach:
+					if _, _, err := s.Cancel(ctx, ids[n]); err != nil && !errors.Is(err, ErrNotFound) {
+						t.Error(err)
+					}
+				case n%2 == 0:
+					if err := s.Delete(ctx, ids[n]); err != nil {
+						t.Error(err)
+					}
+				}
+			})
+		}
+	}
+	wg.Wait()
+	for n, id := range ids {
+		j, err := s.Get(ctx, id)
+		if n%2 == 0 {
+			if !errors.Is(err, ErrNotFound) {
+				t.Fatalf("deleted job %s: %v", id, err)
+			}
+			continue
+		}
+		if err != nil || j.State != Canceled {
+			t.Fatalf("job %s: %v, state %v", id, err, j)
+		}
+		evs, err := s.Events(ctx, id, 0, 1000)
+		if err != nil || uint64(len(evs)) != j.Seq {
+			t.Fatalf("job %s at seq %d has %d events: %v", id, j.Seq, len(evs), err)
+		}
+		for i, ev := range evs {
+			if ev.Seq != uint64(i+1) {
+				t.Fatalf("job %s: event %d has seq %d", id, i, ev.Seq)
+			}
+		}
+		var last Job
+		if err := json.Unmarshal(evs[len(evs)-1].Data, &last); err != nil || !evs[len(evs)-1].Done() || last.Seq != j.Seq || last.State != Canceled {
+			t.Fatalf("job %s: last event %s: %v", id, evs[len(evs)-1].Data, err)
+		}
+	}
+	// A repeated Idempotency-Key makes no live entry either.
+	spec := NewJob{IdempotencyKey: "k", Request: RequestInfo{Method: "POST", URI: "/a"}}
+	first, _, err := s.Create(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, created, err := s.Create(ctx, spec); err != nil || created {
+		t.Fatalf("repeated key: %v created=%v", err, created)
+	}
+	if _, _, err := s.Cancel(ctx, first.ID); err != nil {
+		t.Fatal(err)
+	}
+	if n := s.live.size(); n != 0 {
+		t.Fatalf("%d jobs left in memory after all ended", n)
 	}
 }
