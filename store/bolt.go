@@ -117,7 +117,7 @@ func (s *boltStore) init() error {
 	if err := os.MkdirAll(s.resultsDir, 0o700); err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
-	if err := s.settleTempResults(); err != nil {
+	if err := s.settleResultFiles(); err != nil {
 		return err
 	}
 	return s.recoverInterrupted()

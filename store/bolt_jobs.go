@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"os"
 	"strings"
 	"time"
 
@@ -450,7 +449,6 @@ func (s *boltStore) Finish(ctx context.Context, id string, out Outcome) (*Job, e
 	var (
 		head   resultHead
 		inline []byte
-		spool  string
 	)
 	if out.Response != nil {
 		if out.Response.Status < 100 || out.Response.Status > 999 {
@@ -460,11 +458,11 @@ func (s *boltStore) Finish(ctx context.Context, id string, out Outcome) (*Job, e
 		head = resultHead{Status: out.Response.Status, Header: storableHeader(out.Response.Header)}
 		if rw != nil {
 			var err error
-			if inline, spool, err = rw.seal(); err != nil {
+			if inline, head.File, err = rw.seal(); err != nil {
 				rw.Discard()
 				return nil, err
 			}
-			head.Size, head.File = rw.size, spool != ""
+			head.Size = rw.size
 		}
 	}
 	var (
@@ -489,13 +487,7 @@ func (s *boltStore) Finish(ctx context.Context, id string, out Outcome) (*Job, e
 			j.Response = &ResponseInfo{Status: head.Status, ContentType: head.Header.Get("Content-Type"), ContentLength: head.Size}
 		}
 		return nil
-	}, extra, func() {
-		// The record is committed: give the body its final name before anyone hears that the
-		// job ended. The rename needs no fsync: if a crash loses it, Open redoes it.
-		if spool != "" {
-			os.Rename(spool, s.resultPath(id))
-		}
-	})
+	}, extra, nil)
 	if err != nil {
 		rw.Discard()
 		return nil, err
@@ -525,7 +517,7 @@ func (s *boltStore) Delete(ctx context.Context, id string) error {
 		return err
 	}, func() { s.feed.fail(id, ErrNotFound) })
 	if err != nil {
-		restoreTrash(trash, s.resultPath(id))
+		restoreTrash(trash)
 		return err
 	}
 	if lj != nil {
@@ -535,10 +527,8 @@ func (s *boltStore) Delete(ctx context.Context, id string) error {
 }
 
 // deleteJob removes a job, its events, its result and its index entries. A result file is
-// moved to a temporary name (returned) for the caller to remove after the commit, or to put
-// back if the commit fails; a crash before the commit is undone by Open. Doing it inside the
-// transaction orders it after any Finish of the same job, whose rename runs after its commit
-// on the same goroutine.
+// moved to a trash name (returned) for the caller to remove after the commit, or to put back if
+// the commit fails; a crash before the commit is undone by Open.
 func (s *boltStore) deleteJob(tx *bolt.Tx, id rawID) (trash string, err error) {
 	j, err := s.loadJob(tx, id)
 	if err != nil {
@@ -559,10 +549,11 @@ func (s *boltStore) deleteJob(tx *bolt.Tx, id rawID) (trash string, err error) {
 		}
 	}
 	results := tx.Bucket(bucketResults)
-	hasFile := false
+	file := ""
 	if v := results.Get(id[:]); v != nil {
-		head, _, err := decodeResult(v)
-		hasFile = err == nil && head.File
+		if head, _, err := decodeResult(v); err == nil {
+			file = head.File
+		}
 	}
 	if err := results.Delete(id[:]); err != nil {
 		return "", err
@@ -587,10 +578,10 @@ func (s *boltStore) deleteJob(tx *bolt.Tx, id rawID) (trash string, err error) {
 			return "", err
 		}
 	}
-	if !hasFile {
+	if file == "" {
 		return "", nil
 	}
-	return s.trashResult(idEncoding.EncodeToString(id[:]))
+	return s.trashResult(file)
 }
 
 const (

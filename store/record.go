@@ -218,7 +218,26 @@ type resultHead struct {
 	Status int         `json:"status"`
 	Header http.Header `json:"header,omitempty"`
 	Size   int64       `json:"size"`
-	File   bool        `json:"file,omitempty"` // body in a file beside the database
+	// File names the body's file in the results folder; "" when the body is inline.
+	File string `json:"file,omitempty"`
+}
+
+// validResultName reports whether name can be a result file's name: a job id, a dash and a
+// suffix, all within the results folder (a record is never a path from outside, but a decoder
+// must not trust what it reads).
+func validResultName(name string) bool {
+	if len(name) <= idTextLen+1 || len(name) > idTextLen+64 || name[idTextLen] != '-' {
+		return false
+	}
+	if _, ok := parseID(name[:idTextLen]); !ok {
+		return false
+	}
+	for _, c := range []byte(name[idTextLen+1:]) {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
 }
 
 func encodeResult(h resultHead, inline []byte) ([]byte, error) {
@@ -242,7 +261,8 @@ func decodeResult(v []byte) (resultHead, []byte, error) {
 		return h, nil, fmt.Errorf("store: result head: %w", err)
 	}
 	body := v[w+int(n):]
-	if h.Status < 100 || h.Status > 999 || h.Size < 0 || (!h.File && int64(len(body)) != h.Size) || (h.File && len(body) != 0) {
+	file := h.File != ""
+	if h.Status < 100 || h.Status > 999 || h.Size < 0 || (!file && int64(len(body)) != h.Size) || (file && (len(body) != 0 || !validResultName(h.File))) {
 		return h, nil, fmt.Errorf("store: result record with status %d size %d and %d inline bytes", h.Status, h.Size, len(body))
 	}
 	return h, body, nil

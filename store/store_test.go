@@ -38,6 +38,26 @@ func newJob(t testing.TB, s Store) *Job {
 	return j
 }
 
+// resultFile is the name of the file holding job id's result body, from its record.
+func resultFile(t testing.TB, s *boltStore, id string) string {
+	t.Helper()
+	rid, _ := parseID(id)
+	var head resultHead
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketResults).Get(rid[:])
+		if v == nil {
+			return ErrNoResult
+		}
+		var err error
+		head, _, err = decodeResult(v)
+		return err
+	})
+	if err != nil || head.File == "" {
+		t.Fatalf("result file of %s: %v (record %+v)", id, err, head)
+	}
+	return head.File
+}
+
 func percent(p float64) func(*Job) error {
 	return func(j *Job) error {
 		j.State = Running
@@ -167,7 +187,8 @@ func TestLargeResultSpoolsToFile(t *testing.T) {
 	if _, err := s.Finish(ctx, j.ID, Outcome{State: Succeeded, Response: &ResponseHead{Status: 200}, Body: rw}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(s.resultPath(j.ID)); err != nil {
+	file := resultFile(t, s, j.ID)
+	if _, err := os.Stat(s.resultPath(file)); err != nil {
 		t.Fatalf("large result not in a file: %v", err)
 	}
 	res, err := s.Result(ctx, j.ID)
@@ -186,7 +207,7 @@ func TestLargeResultSpoolsToFile(t *testing.T) {
 	if _, err := s.Finish(ctx, j.ID, Outcome{State: Failed, Response: &ResponseHead{Status: 500}, Body: rw2}); !errors.Is(err, ErrFinished) {
 		t.Fatalf("second finish: %v", err)
 	}
-	if fi, err := os.Stat(s.resultPath(j.ID)); err != nil || fi.Size() != n {
+	if fi, err := os.Stat(s.resultPath(file)); err != nil || fi.Size() != n || resultFile(t, s, j.ID) != file {
 		t.Fatalf("committed body after a refused finish: %v %v", fi, err)
 	}
 	if err := s.Delete(ctx, j.ID); err != nil {
