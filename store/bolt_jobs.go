@@ -81,9 +81,22 @@ func (s *boltStore) prepare(prev, j *Job, now time.Time) (*change, error) {
 	}, nil
 }
 
+// appendBuckets are the trees keyed in creation or deadline order. (Not owners: each owner
+// has a right edge of its own in the middle of the tree.)
+var appendBuckets = [][]byte{bucketEvents, bucketActive, bucketResults, bucketExpiry}
+
+// appendFill is how full bbolt fills their pages when it splits a node.
+const appendFill = 0.9
+
 // put stores a prepared change inside tx: the record, its event, the compaction of the event
 // log, and the indexes. It may run more than once for one change (see op).
 func (s *boltStore) put(tx *bolt.Tx, c *change) error {
+	// These trees only grow at their right edge (keys lead with an id or a time), so bbolt's
+	// default half-full split only leaves half-empty pages behind to be written again. Not the
+	// jobs tree: Finish grows records that are still on recent pages.
+	for _, name := range appendBuckets {
+		tx.Bucket(name).FillPercent = appendFill
+	}
 	if err := tx.Bucket(bucketJobs).Put(c.id[:], c.rec); err != nil {
 		return err
 	}
