@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/caddy-progress/progress/store"
@@ -159,12 +160,15 @@ func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, owner Owner, upst
 	spec := store.NewJob{
 		Owner:          owner.Value,
 		IdempotencyKey: idemKey,
-		Fingerprint:    fingerprint(r, body.hash),
 		Request:        store.RequestInfo{Method: r.Method, URI: r.RequestURI},
 		Route:          rt.Name,
 		BasePath:       rt.JobsPath,
 		QueuePosition:  ticket.Position(),
 		Running:        ticket.Position() == 0, // nothing ahead of it: it starts at once
+	}
+	if idemKey != "" {
+		// Only a repeated key is compared with what it was first used for.
+		spec.Fingerprint = fingerprint(r, body.hash)
 	}
 	if owner.Expr != "" {
 		spec.Attrs = map[string]string{AttrOwnerExpr: owner.Expr}
@@ -349,6 +353,10 @@ type spooledBody struct {
 	hash []byte
 }
 
+// spoolBuffers are spoolBody's read buffers: one per request would be most of what a job's
+// creation allocates.
+var spoolBuffers = sync.Pool{New: func() any { return new([32 << 10]byte) }}
+
 func spoolBody(r io.Reader, max, spoolAbove int64, dir string) (*spooledBody, error) {
 	b := &spooledBody{}
 	h := sha256.New()
@@ -356,7 +364,9 @@ func spoolBody(r io.Reader, max, spoolAbove int64, dir string) (*spooledBody, er
 		r = http.NoBody
 	}
 	limited := io.LimitReader(r, max+1)
-	buf := make([]byte, 32<<10)
+	pooled := spoolBuffers.Get().(*[32 << 10]byte)
+	defer spoolBuffers.Put(pooled)
+	buf := pooled[:]
 	for {
 		n, err := limited.Read(buf)
 		if n > 0 {

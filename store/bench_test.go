@@ -36,7 +36,7 @@ var benchValue = bytes.Repeat([]byte("x"), benchEventSize)
 // benchMessage is a progress message that makes the document of a running job, as the
 // benchmarks write it, about benchEventSize bytes long.
 var benchMessage = func() string {
-	_, idText := newID()
+	_, idText := newID(time.Now())
 	now := time.Now().UTC()
 	j := &Job{
 		ID: idText, State: Running, Seq: 1000, Request: RequestInfo{Method: "POST", URI: "/reports"},
@@ -264,7 +264,7 @@ func BenchmarkReplay10k(b *testing.B) {
 	b.Run("raw-cursor", func(b *testing.B) {
 		db := benchOpenRaw(b, b.TempDir())
 		defer db.Close()
-		rid, _ := newID()
+		rid, _ := newID(time.Now())
 		if err := db.Update(func(tx *bolt.Tx) error {
 			bk, err := tx.CreateBucket(bucketEvents)
 			if err != nil {
@@ -392,7 +392,7 @@ func BenchmarkFanout10k(b *testing.B) {
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		f := newFeed(DefaultLiveEvents)
-		_, id := newID()
+		_, id := newID(time.Now())
 		doc := append([]byte(nil), benchValue...)
 		subs := make([]*subscription, benchSubscribers)
 		for i := range subs {
@@ -466,7 +466,7 @@ func benchAddJobs(path string, n int, finished bool) error {
 		err := s.db.Update(func(tx *bolt.Tx) error {
 			now := time.Now().UTC()
 			for i := range batch {
-				_, id := newID()
+				_, id := newID(now)
 				j := &Job{
 					ID: id, State: Queued, Request: RequestInfo{Method: "POST", URI: "/reports?n=" + strconv.Itoa(done+i)},
 					Links: linksFor(DefaultBasePath, id), OwnerHash: owners[(done+i)%len(owners)], CreatedAt: now,
@@ -615,14 +615,14 @@ func benchOpenMemory(b *testing.B, path string) {
 // BenchmarkOpen1M opens a store file holding 1,000,000 finished jobs: the time to open must
 // not depend on how many finished jobs are kept.
 func BenchmarkOpen1M(b *testing.B) {
-	cached := benchCachedFile(b, "open1m.db", func(tmp string) error {
+	cached := benchCachedFile(b, "open1m-v2.db", func(tmp string) error {
 		return benchAddJobs(tmp, benchOpenJobs, true)
 	})
 	fi, err := os.Stat(cached)
 	if err != nil {
 		b.Fatal(err)
 	}
-	compacted := benchCachedFile(b, "open1m-compacted.db", func(tmp string) error {
+	compacted := benchCachedFile(b, "open1m-v2-compacted.db", func(tmp string) error {
 		return benchCompact(cached, tmp)
 	})
 	small := filepath.Join(b.TempDir(), "open1k.db")
@@ -720,4 +720,74 @@ func BenchmarkOpen1M(b *testing.B) {
 			}
 		}
 	})
+}
+
+// benchLifeWriters matches the HTTP harness's 2 connections × 16 streams.
+const (
+	benchLifeWriters = 32
+	benchLifePrefill = 50000
+)
+
+// benchWriteBytes reads what this process has written to storage (/proc/self/io), so that a
+// benchmark can report the bytes a job costs the disk, page rewrites included.
+func benchWriteBytes() int64 {
+	data, err := os.ReadFile("/proc/self/io")
+	if err != nil {
+		return 0
+	}
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "write_bytes: "); ok {
+			n, _ := strconv.ParseInt(v, 10, 64)
+			return n
+		}
+	}
+	return 0
+}
+
+// BenchmarkJobLife measures what the `progress` handler asks of the store per job: a Create of
+// a running job, then a Finish with the upstream's 29-byte answer, by 32 concurrent writers,
+// on a store that already holds benchLifePrefill finished jobs (a fresh file flatters random
+// keys: its trees fit in a few pages). It reports finished jobs per second and the bytes
+// written to storage per job.
+func BenchmarkJobLife(b *testing.B) {
+	ctx := context.Background()
+	s := benchOpenStore(b, b.TempDir(), Options{})
+	defer s.Close()
+	body := []byte(`{"ok":true,"took_ms":0,"n":42}` + "\n")[:29]
+	life := func() error {
+		j, _, err := s.Create(ctx, NewJob{Request: RequestInfo{Method: "POST", URI: "/reports/generate"}, Route: "reports", Running: true})
+		if err != nil {
+			return err
+		}
+		rw, err := s.NewResult(ctx, j.ID)
+		if err != nil {
+			return err
+		}
+		if _, err := rw.Write(body); err != nil {
+			return err
+		}
+		_, err = s.Finish(ctx, j.ID, Outcome{State: Succeeded, Body: rw,
+			Response: &ResponseHead{Status: 200, Header: map[string][]string{"Content-Type": {"application/json"}}}})
+		return err
+	}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	errs := make([]error, benchLifeWriters)
+	for w := range errs {
+		wg.Go(func() {
+			for next.Add(1) <= benchLifePrefill {
+				if errs[w] = life(); errs[w] != nil {
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		b.Fatal(err)
+	}
+	written := benchWriteBytes()
+	benchWriters(b, benchLifeWriters, func(int, uint64) error { return life() })
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "jobs/s")
+	b.ReportMetric(float64(benchWriteBytes()-written)/float64(b.N), "disk-B/job")
 }

@@ -40,6 +40,7 @@ type boltStore struct {
 	ownerKey   []byte
 	idemKey    []byte
 	feed       *feed
+	live       *live
 	commits    *committer
 
 	stopSweep chan struct{}
@@ -76,7 +77,7 @@ func openBolt(path string, opts Options) (*boltStore, error) {
 	}
 	s := &boltStore{
 		db: db, path: abs, resultsDir: abs + ".results", opts: opts,
-		feed: newFeed(opts.LiveEvents), stopSweep: make(chan struct{}),
+		feed: newFeed(opts.LiveEvents), live: newLive(), stopSweep: make(chan struct{}),
 	}
 	if err := s.init(); err != nil {
 		db.Close()
@@ -116,7 +117,7 @@ func (s *boltStore) init() error {
 	if err := os.MkdirAll(s.resultsDir, 0o700); err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
-	if err := s.settleTempResults(); err != nil {
+	if err := s.settleResultFiles(); err != nil {
 		return err
 	}
 	return s.recoverInterrupted()

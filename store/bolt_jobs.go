@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"os"
 	"strings"
 	"time"
 
@@ -23,18 +22,29 @@ func (s *boltStore) loadJob(tx *bolt.Tx, id rawID) (*Job, error) {
 	return decodeJob(v)
 }
 
-// write stores j as the next version of prev (nil for a new job): it sets seq and timestamps,
-// checks the limits before touching anything, stores the record and its event, compacts the
-// event log, and keeps the indexes in step. It returns the event to publish after the commit.
-func (s *boltStore) write(tx *bolt.Tx, prev, j *Job, now time.Time) (Event, error) {
+// change is one new version of a job, encoded and ready to store: prepare makes it outside
+// the commit, put stores it inside.
+type change struct {
+	id   rawID
+	prev *Job // nil for a new job
+	job  *Job
+	rec  []byte // the job record
+	ev   Event
+	evV  []byte // the stored event
+}
+
+// prepare makes j the next version of prev (nil for a new job): it sets seq and timestamps,
+// checks the limits, and encodes the document, the record and the event. It reads nothing, so
+// it runs before the write is queued.
+func (s *boltStore) prepare(prev, j *Job, now time.Time) (*change, error) {
 	if !j.State.Valid() {
-		return Event{}, fmt.Errorf("%w: unknown state %q", ErrInvalid, j.State)
+		return nil, fmt.Errorf("%w: unknown state %q", ErrInvalid, j.State)
 	}
 	if prev != nil && prev.State == Running && j.State == Queued {
-		return Event{}, fmt.Errorf("%w: a running job cannot go back to queued", ErrInvalid)
+		return nil, fmt.Errorf("%w: a running job cannot go back to queued", ErrInvalid)
 	}
 	if j.Progress != nil && len(j.Progress.Data) > s.opts.MaxDataSize && !sameData(prev, j) {
-		return Event{}, &LimitError{Limit: "max_data_size", Max: int64(s.opts.MaxDataSize), Size: int64(len(j.Progress.Data))}
+		return nil, &LimitError{Limit: "max_data_size", Max: int64(s.opts.MaxDataSize), Size: int64(len(j.Progress.Data))}
 	}
 	j.Seq = 1
 	if prev != nil {
@@ -55,29 +65,61 @@ func (s *boltStore) write(tx *bolt.Tx, prev, j *Job, now time.Time) (Event, erro
 	}
 	doc, err := s.encodeDoc(j)
 	if err != nil {
-		return Event{}, err
+		return nil, err
 	}
 	rec, err := encodeJob(j, doc)
 	if err != nil {
-		return Event{}, err
+		return nil, err
 	}
-	id, _ := parseID(j.ID)
-	if err := tx.Bucket(bucketJobs).Put(id[:], rec); err != nil {
-		return Event{}, err
+	id, ok := parseID(j.ID)
+	if !ok {
+		return nil, fmt.Errorf("%w: malformed job id %q", ErrInvalid, j.ID)
+	}
+	return &change{
+		id: id, prev: prev, job: j, rec: rec,
+		ev: Event{JobID: j.ID, Seq: j.Seq, Kind: kind, Data: doc}, evV: encodeEvent(kind, doc),
+	}, nil
+}
+
+// appendBuckets are the trees keyed in creation or deadline order. (Not owners: each owner
+// has a right edge of its own in the middle of the tree.)
+var appendBuckets = [][]byte{bucketEvents, bucketActive, bucketResults, bucketExpiry}
+
+// appendFill is how full bbolt fills their pages when it splits a node.
+const appendFill = 0.9
+
+// put stores a prepared change inside tx: the record, its event, the compaction of the event
+// log, and the indexes. It may run more than once for one change (see op).
+func (s *boltStore) put(tx *bolt.Tx, c *change) error {
+	// These trees only grow at their right edge (keys lead with an id or a time), so bbolt's
+	// default half-full split only leaves half-empty pages behind to be written again. Not the
+	// jobs tree: Finish grows records that are still on recent pages.
+	for _, name := range appendBuckets {
+		tx.Bucket(name).FillPercent = appendFill
+	}
+	if err := tx.Bucket(bucketJobs).Put(c.id[:], c.rec); err != nil {
+		return err
 	}
 	events := tx.Bucket(bucketEvents)
-	if err := events.Put(eventKey(id, j.Seq), encodeEvent(kind, doc)); err != nil {
-		return Event{}, err
+	if err := events.Put(eventKey(c.id, c.job.Seq), c.evV); err != nil {
+		return err
 	}
-	if keep := uint64(s.opts.MaxEventsPerJob); j.Seq > keep {
-		if err := events.Delete(eventKey(id, j.Seq-keep)); err != nil {
-			return Event{}, err
+	if keep := uint64(s.opts.MaxEventsPerJob); c.job.Seq > keep {
+		if err := events.Delete(eventKey(c.id, c.job.Seq-keep)); err != nil {
+			return err
 		}
 	}
-	if err := s.index(tx, prev, j, id); err != nil {
+	return s.index(tx, c.prev, c.job, c.id)
+}
+
+// write prepares and stores j as the next version of prev inside tx, for the writes that read
+// the job inside the transaction (recovery, and jobs that are not live).
+func (s *boltStore) write(tx *bolt.Tx, prev, j *Job, now time.Time) (Event, error) {
+	c, err := s.prepare(prev, j, now)
+	if err != nil {
 		return Event{}, err
 	}
-	return Event{JobID: j.ID, Seq: j.Seq, Kind: kind, Data: doc}, nil
+	return c.ev, s.put(tx, c)
 }
 
 // sameData reports whether a change leaves progress.data as it was: a limit applies to what a
@@ -174,9 +216,11 @@ func (s *boltStore) Create(ctx context.Context, spec NewJob) (*Job, bool, error)
 	if base == "" {
 		base = DefaultBasePath
 	}
-	_, idText := newID()
+	// The creation time is taken here, not at the commit, because the id carries it.
+	now := time.Now().UTC()
+	_, idText := newID(now)
 	fresh := &Job{
-		ID: idText, State: Queued, Request: spec.Request, Links: linksFor(base, idText),
+		ID: idText, State: Queued, CreatedAt: now, Request: spec.Request, Links: linksFor(base, idText),
 		OwnerHash: s.OwnerHash(spec.Owner), Route: spec.Route, Attrs: spec.Attrs,
 		fingerprint: cloneBytes(spec.Fingerprint),
 	}
@@ -193,46 +237,62 @@ func (s *boltStore) Create(ctx context.Context, spec NewJob) (*Job, bool, error)
 	if spec.IdempotencyKey != "" {
 		fresh.idemHash = keyedHash(s.idemKey, spec.IdempotencyKey)
 	}
+	j := fresh.clone()
+	c, err := s.prepare(nil, j, now)
+	if err != nil {
+		return nil, false, err
+	}
+	// The job is live before its commit, locked until the commit ends: nobody can know its id
+	// before Create returns, except by listing, and a change found that way waits here.
+	lj := &liveJob{}
+	lj.mu.Lock()
+	defer lj.mu.Unlock()
+	s.live.add(c.id, lj)
 	var (
-		out     *Job
-		created bool
-		ev      Event
+		existing *Job
+		created  bool
 	)
 	apply := func(tx *bolt.Tx) error {
-		out, created = nil, false
+		existing, created = nil, false
 		if fresh.idemHash != nil {
-			if existing := tx.Bucket(bucketIdem).Get(idemKey(fresh.OwnerHash, fresh.idemHash)); existing != nil {
-				var eid rawID
-				copy(eid[:], existing)
-				j, err := s.loadJob(tx, eid)
+			if eid := tx.Bucket(bucketIdem).Get(idemKey(fresh.OwnerHash, fresh.idemHash)); eid != nil {
+				var rid rawID
+				copy(rid[:], eid)
+				prev, err := s.loadJob(tx, rid)
 				if err != nil {
 					return err
 				}
-				if !bytes.Equal(j.fingerprint, fresh.fingerprint) {
+				if !bytes.Equal(prev.fingerprint, fresh.fingerprint) {
 					return ErrIdempotencyMismatch
 				}
-				out = j
+				existing = prev
 				return nil
 			}
 		}
-		j := fresh.clone()
-		j.CreatedAt = time.Now().UTC()
-		var err error
-		if ev, err = s.write(tx, nil, j, j.CreatedAt); err != nil {
+		if err := s.put(tx, c); err != nil {
 			return err
 		}
-		out, created = j, true
+		created = true
 		return nil
 	}
 	published := func() {
 		if created {
-			s.feed.publish(ev)
+			s.feed.publish(c.ev)
 		}
 	}
-	if err := s.commits.do(apply, published); err != nil {
-		return nil, false, err
+	if err := s.commits.do(apply, published); err != nil || !created {
+		s.live.remove(c.id, lj)
+		if err != nil {
+			return nil, false, err
+		}
+		return existing, false, nil
 	}
-	return out.clone(), created, nil
+	if j.State.Terminal() {
+		s.live.remove(c.id, lj)
+	} else {
+		lj.job = j
+	}
+	return j.clone(), true, nil
 }
 
 func (s *boltStore) Get(ctx context.Context, id string) (*Job, error) {
@@ -249,16 +309,33 @@ func (s *boltStore) Get(ctx context.Context, id string) (*Job, error) {
 	return j, err
 }
 
-// change runs a read-modify-write of one job as a group-committed write: mutate sees a copy of
-// the current document. It is the one path by which an existing job changes.
+// change runs a read-modify-write of one job as a group-committed write: mutate sees the
+// current document (prev) and changes a copy of it (j). It is the one path by which an existing
+// job changes. extra, if not nil, runs inside the transaction that stores the change (Finish
+// stores the result record there). committed, if not nil, runs after the commit and before the
+// event is published.
 //
-// committed, if not nil, runs after the commit and before the event is published.
-func (s *boltStore) change(id string, mutate func(tx *bolt.Tx, prev, j *Job) error, committed func()) (job *Job, changed bool, err error) {
+// A live job (not finished, made by this process) is read from memory and encoded before the
+// write is queued; any other job is read inside the transaction, as there is nothing to
+// serialise its changes against but the transaction itself.
+func (s *boltStore) change(id string, mutate func(prev, j *Job) error, extra func(tx *bolt.Tx) error, committed func()) (*Job, bool, error) {
 	rid, ok := parseID(id)
 	if !ok {
 		return nil, false, ErrNotFound
 	}
-	var ev Event
+	if lj := s.live.get(rid); lj != nil {
+		lj.mu.Lock()
+		defer lj.mu.Unlock()
+		if lj.job != nil {
+			return s.changeLive(rid, lj, mutate, extra, committed)
+		}
+		// It finished or went while this call waited: the store has the rest.
+	}
+	var (
+		job     *Job
+		changed bool
+		ev      Event
+	)
 	apply := func(tx *bolt.Tx) error {
 		job, changed = nil, false
 		prev, err := s.loadJob(tx, rid)
@@ -266,18 +343,21 @@ func (s *boltStore) change(id string, mutate func(tx *bolt.Tx, prev, j *Job) err
 			return err
 		}
 		j := prev.clone()
-		switch err := mutate(tx, prev, j); {
+		switch err := mutate(prev, j); {
 		case errors.Is(err, ErrNoChange):
 			job = prev
 			return nil
 		case err != nil:
 			return err
 		}
-		// What identifies a job is not the mutator's to change.
-		j.ID, j.Request, j.Links, j.CreatedAt = prev.ID, prev.Request, prev.Links, prev.CreatedAt
-		j.OwnerHash, j.idemHash, j.fingerprint = prev.OwnerHash, prev.idemHash, prev.fingerprint
+		keepIdentity(prev, j)
 		if ev, err = s.write(tx, prev, j, time.Now().UTC()); err != nil {
 			return err
+		}
+		if extra != nil {
+			if err := extra(tx); err != nil {
+				return err
+			}
 		}
 		job, changed = j, true
 		return nil
@@ -296,24 +376,71 @@ func (s *boltStore) change(id string, mutate func(tx *bolt.Tx, prev, j *Job) err
 	return job.clone(), changed, nil
 }
 
+// changeLive is change for a live job; the caller holds lj.mu.
+func (s *boltStore) changeLive(rid rawID, lj *liveJob, mutate func(prev, j *Job) error, extra func(tx *bolt.Tx) error, committed func()) (*Job, bool, error) {
+	prev := lj.job
+	j := prev.clone()
+	switch err := mutate(prev, j); {
+	case errors.Is(err, ErrNoChange):
+		return prev.clone(), false, nil
+	case err != nil:
+		return nil, false, err
+	}
+	keepIdentity(prev, j)
+	c, err := s.prepare(prev, j, time.Now().UTC())
+	if err != nil {
+		return nil, false, err
+	}
+	apply := func(tx *bolt.Tx) error {
+		if err := s.put(tx, c); err != nil {
+			return err
+		}
+		if extra != nil {
+			return extra(tx)
+		}
+		return nil
+	}
+	published := func() {
+		if committed != nil {
+			committed()
+		}
+		s.feed.publish(c.ev)
+	}
+	if err := s.commits.do(apply, published); err != nil {
+		return nil, false, err
+	}
+	if j.State.Terminal() {
+		s.live.remove(rid, lj)
+	} else {
+		lj.job = j
+	}
+	return j.clone(), true, nil
+}
+
+// keepIdentity undoes a mutator's change of what identifies a job.
+func keepIdentity(prev, j *Job) {
+	j.ID, j.Request, j.Links, j.CreatedAt = prev.ID, prev.Request, prev.Links, prev.CreatedAt
+	j.OwnerHash, j.idemHash, j.fingerprint = prev.OwnerHash, prev.idemHash, prev.fingerprint
+}
+
 func (s *boltStore) Update(ctx context.Context, id string, mutate func(*Job) error) (*Job, error) {
-	job, _, err := s.change(id, func(_ *bolt.Tx, prev, j *Job) error {
+	job, _, err := s.change(id, func(prev, j *Job) error {
 		if prev.State.Terminal() {
 			return ErrFinished
 		}
 		return mutate(j)
-	}, nil)
+	}, nil, nil)
 	return job, err
 }
 
 func (s *boltStore) Cancel(ctx context.Context, id string) (*Job, bool, error) {
-	return s.change(id, func(_ *bolt.Tx, prev, j *Job) error {
+	return s.change(id, func(prev, j *Job) error {
 		if prev.State.Terminal() {
 			return ErrNoChange
 		}
 		j.State = Canceled
 		return nil
-	}, nil)
+	}, nil, nil)
 }
 
 func (s *boltStore) Finish(ctx context.Context, id string, out Outcome) (*Job, error) {
@@ -335,7 +462,6 @@ func (s *boltStore) Finish(ctx context.Context, id string, out Outcome) (*Job, e
 	var (
 		head   resultHead
 		inline []byte
-		spool  string
 	)
 	if out.Response != nil {
 		if out.Response.Status < 100 || out.Response.Status > 999 {
@@ -345,37 +471,36 @@ func (s *boltStore) Finish(ctx context.Context, id string, out Outcome) (*Job, e
 		head = resultHead{Status: out.Response.Status, Header: storableHeader(out.Response.Header)}
 		if rw != nil {
 			var err error
-			if inline, spool, err = rw.seal(); err != nil {
+			if inline, head.File, err = rw.seal(); err != nil {
 				rw.Discard()
 				return nil, err
 			}
-			head.Size, head.File = rw.size, spool != ""
+			head.Size = rw.size
 		}
 	}
-	job, _, err := s.change(id, func(tx *bolt.Tx, prev, j *Job) error {
+	var (
+		result []byte
+		extra  func(tx *bolt.Tx) error
+	)
+	if out.Response != nil {
+		var err error
+		if result, err = encodeResult(head, inline); err != nil {
+			rw.Discard()
+			return nil, err
+		}
+		rid, _ := parseID(id)
+		extra = func(tx *bolt.Tx) error { return tx.Bucket(bucketResults).Put(rid[:], result) }
+	}
+	job, _, err := s.change(id, func(prev, j *Job) error {
 		if prev.State.Terminal() {
 			return ErrFinished
 		}
 		j.State, j.Error = out.State, out.Error
 		if out.Response != nil {
-			rec, err := encodeResult(head, inline)
-			if err != nil {
-				return err
-			}
-			rid, _ := parseID(id)
-			if err := tx.Bucket(bucketResults).Put(rid[:], rec); err != nil {
-				return err
-			}
 			j.Response = &ResponseInfo{Status: head.Status, ContentType: head.Header.Get("Content-Type"), ContentLength: head.Size}
 		}
 		return nil
-	}, func() {
-		// The record is committed: give the body its final name before anyone hears that the
-		// job ended. The rename needs no fsync: if a crash loses it, Open redoes it.
-		if spool != "" {
-			os.Rename(spool, s.resultPath(id))
-		}
-	})
+	}, extra, nil)
 	if err != nil {
 		rw.Discard()
 		return nil, err
@@ -391,6 +516,13 @@ func (s *boltStore) Delete(ctx context.Context, id string) error {
 	if !ok {
 		return ErrNotFound
 	}
+	// A live job's changes are serialised by its entry: a change in flight commits first, and
+	// none can follow the deletion.
+	lj := s.live.get(rid)
+	if lj != nil {
+		lj.mu.Lock()
+		defer lj.mu.Unlock()
+	}
 	var trash string
 	err := s.commits.do(func(tx *bolt.Tx) error {
 		var err error
@@ -398,17 +530,18 @@ func (s *boltStore) Delete(ctx context.Context, id string) error {
 		return err
 	}, func() { s.feed.fail(id, ErrNotFound) })
 	if err != nil {
-		restoreTrash(trash, s.resultPath(id))
+		restoreTrash(trash)
 		return err
+	}
+	if lj != nil {
+		s.live.remove(rid, lj)
 	}
 	return removeIfExists(trash)
 }
 
 // deleteJob removes a job, its events, its result and its index entries. A result file is
-// moved to a temporary name (returned) for the caller to remove after the commit, or to put
-// back if the commit fails; a crash before the commit is undone by Open. Doing it inside the
-// transaction orders it after any Finish of the same job, whose rename runs after its commit
-// on the same goroutine.
+// moved to a trash name (returned) for the caller to remove after the commit, or to put back if
+// the commit fails; a crash before the commit is undone by Open.
 func (s *boltStore) deleteJob(tx *bolt.Tx, id rawID) (trash string, err error) {
 	j, err := s.loadJob(tx, id)
 	if err != nil {
@@ -429,10 +562,11 @@ func (s *boltStore) deleteJob(tx *bolt.Tx, id rawID) (trash string, err error) {
 		}
 	}
 	results := tx.Bucket(bucketResults)
-	hasFile := false
+	file := ""
 	if v := results.Get(id[:]); v != nil {
-		head, _, err := decodeResult(v)
-		hasFile = err == nil && head.File
+		if head, _, err := decodeResult(v); err == nil {
+			file = head.File
+		}
 	}
 	if err := results.Delete(id[:]); err != nil {
 		return "", err
@@ -457,10 +591,10 @@ func (s *boltStore) deleteJob(tx *bolt.Tx, id rawID) (trash string, err error) {
 			return "", err
 		}
 	}
-	if !hasFile {
+	if file == "" {
 		return "", nil
 	}
-	return s.trashResult(idEncoding.EncodeToString(id[:]))
+	return s.trashResult(file)
 }
 
 const (

@@ -581,15 +581,11 @@ func crashCheckFile(t *testing.T, s *boltStore, m *crashModel) {
 		results := tx.Bucket(bucketResults)
 		for _, e := range entries {
 			name := e.Name()
-			if strings.HasPrefix(name, tempPrefix) {
+			if strings.HasPrefix(name, trashPrefix) || !validResultName(name) {
 				t.Errorf("results folder holds %s after reopen", name)
 				continue
 			}
-			id, ok := parseID(name)
-			if !ok {
-				t.Errorf("results folder holds %s, not a job id", name)
-				continue
-			}
+			id, _ := parseID(name[:idTextLen])
 			v := results.Get(id[:])
 			if v == nil {
 				job := "no job"
@@ -606,7 +602,7 @@ func crashCheckFile(t *testing.T, s *boltStore, m *crashModel) {
 			}
 			head, _, err := decodeResult(v)
 			info, ierr := e.Info()
-			if err != nil || ierr != nil || !head.File || info.Size() != head.Size {
+			if err != nil || ierr != nil || head.File != name || info.Size() != head.Size {
 				t.Errorf("result file %s (%v, %v) does not match its record %+v", name, info, errors.Join(err, ierr), head)
 			}
 		}
@@ -666,9 +662,12 @@ func crashCheckRecords(t *testing.T, s *boltStore, m *crashModel) {
 			if tx.Bucket(bucketJobs).Get(k) == nil {
 				t.Errorf("result %x belongs to no job", k)
 			}
-			if head.File {
+			if head.File != "" {
 				files++
-				if _, err := os.Stat(filepath.Join(s.resultsDir, idEncoding.EncodeToString(k))); err != nil {
+				if head.File[:idTextLen] != idEncoding.EncodeToString(k) {
+					t.Errorf("result %x names the file %s of another job", k, head.File)
+				}
+				if _, err := os.Stat(filepath.Join(s.resultsDir, head.File)); err != nil {
 					t.Errorf("result %x: %v", k, err)
 				}
 			}

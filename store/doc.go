@@ -30,6 +30,9 @@
 //
 // # Layout of the bbolt file
 //
+// A job id begins with its creation time in milliseconds, so each tree keyed by id grows at its
+// right edge and the jobs of one commit share a few pages.
+//
 //	jobs     id → job record (the document plus private fields)
 //	events   id ‖ seq → event (kind byte ‖ document)
 //	active   id → ∅                        jobs queued or running; recovery reads only these
@@ -40,6 +43,6 @@
 //	meta     "secret" → 32 random bytes
 //
 // Result bodies above the inline limit live in files beside the database, in the folder
-// "<file>.results", written to a temporary name, fsynced, and renamed before the commit that
-// refers to them.
+// "<file>.results", each under a name of its own ("<id>-<random>"), fsynced before the commit
+// whose result record names it; Open removes the files no record names.
 package store

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -336,8 +335,8 @@ func TestRecoveryEndsInterruptedJobs(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The spool of a Finish that crashed before its commit, a file trashed by a delete that
-	// committed, and a stray temporary file.
-	for _, name := range []string{tempPrefix + running.ID + "-123", trashPrefix + finished.ID, tempPrefix + "half-written"} {
+	// committed, the spool of a refused Finish, and a stray file.
+	for _, name := range []string{running.ID + "-123", trashPrefix + finished.ID + "-456", finished.ID + "-789", "half-written"} {
 		if err := writeFile(s.resultsDir+"/"+name, "orphan"); err != nil {
 			t.Fatal(err)
 		}
@@ -480,7 +479,7 @@ func TestSeamWhenRingOverflowsDuringReplay(t *testing.T) {
 
 // TestOpenSettlesInterruptedFileMoves: a crash between a commit and the rename that follows it,
 // or between a delete's move of the file and its commit, is finished or undone by Open.
-func TestOpenSettlesInterruptedFileMoves(t *testing.T) {
+func TestOpenSettlesResultFiles(t *testing.T) {
 	path := t.TempDir() + "/progress.db"
 	s, err := openBolt(path, Options{InlineResultSize: 8})
 	if err != nil {
@@ -496,13 +495,13 @@ func TestOpenSettlesInterruptedFileMoves(t *testing.T) {
 		}
 		return j.ID
 	}
-	lostRename, lostDelete := finish(), finish()
-	// As if the rename after the commit never happened, and as if a delete moved the file and
-	// died before its commit.
-	if err := os.Rename(s.resultPath(lostRename), s.resultsDir+"/"+tempPrefix+lostRename+"-42"); err != nil {
+	kept, lostDelete := finish(), finish()
+	// As if a delete moved the file and died before its commit, and as if a second Finish of
+	// the same job died after spooling its body.
+	if _, err := s.trashResult(resultFile(t, s, lostDelete)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.trashResult(lostDelete); err != nil {
+	if err := writeFile(s.resultsDir+"/"+kept+"-42", "refused"); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
@@ -511,7 +510,7 @@ func TestOpenSettlesInterruptedFileMoves(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	for _, id := range []string{lostRename, lostDelete} {
+	for _, id := range []string{kept, lostDelete} {
 		res, err := s.Result(ctx, id)
 		if err != nil {
 			t.Fatalf("result of %s after reopen: %v", id, err)

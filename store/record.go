@@ -14,9 +14,17 @@ import (
 // This file holds the encodings of stored keys and records, so that every decoder of what is
 // on disk sits in one place (and is fuzzed in record_fuzz_test.go).
 
+// A job id is a 48-bit big-endian creation time in milliseconds followed by 144 random bits.
+// The random bits make it unguessable (DESIGN.md asks for at least 128); the time prefix makes
+// the keys of every tree keyed by id (jobs, events, active, results) grow at the right edge, so
+// that the jobs of one commit share a few leaf pages instead of dirtying a random page each in
+// every tree (BENCHMARKS.md, issue 3). 24 bytes make 32 base64url characters with no padding
+// bits, so an id has exactly one spelling.
 const (
-	idLen      = 16 // random bytes in a job id: 128 bits
-	idTextLen  = 22 // base64url, unpadded
+	idTimeLen  = 6  // milliseconds since 1970 fit 48 bits until the year 10889
+	idRandLen  = 18 // 144 random bits
+	idLen      = idTimeLen + idRandLen
+	idTextLen  = 32 // base64url, unpadded
 	hashLen    = 32 // HMAC-SHA256
 	seqLen     = 8
 	timeLen    = 8
@@ -27,15 +35,21 @@ var idEncoding = base64.RawURLEncoding
 
 type rawID [idLen]byte
 
-func newID() (rawID, string) {
+// newID makes the id of a job created at now.
+func newID(now time.Time) (rawID, string) {
 	var id rawID
-	if _, err := rand.Read(id[:]); err != nil {
+	ms := uint64(now.UnixMilli())
+	for i := idTimeLen - 1; i >= 0; i-- {
+		id[i] = byte(ms)
+		ms >>= 8
+	}
+	if _, err := rand.Read(id[idTimeLen:]); err != nil {
 		panic(err) // crypto/rand never fails on Linux; a job id without entropy must not exist
 	}
 	return id, idEncoding.EncodeToString(id[:])
 }
 
-// parseID decodes a job id; anything that is not exactly 22 base64url characters is unknown.
+// parseID decodes a job id; anything that is not exactly 32 base64url characters is unknown.
 func parseID(s string) (rawID, bool) {
 	var id rawID
 	if len(s) != idTextLen {
@@ -144,11 +158,31 @@ type jobRecord struct {
 	Attrs       map[string]string `json:"attrs,omitempty"`
 }
 
+// jobPrivate is jobRecord without the document.
+type jobPrivate struct {
+	V           int               `json:"v"`
+	Owner       []byte            `json:"owner,omitempty"`
+	Idem        []byte            `json:"idem,omitempty"`
+	Fingerprint []byte            `json:"fp,omitempty"`
+	Route       string            `json:"route,omitempty"`
+	Attrs       map[string]string `json:"attrs,omitempty"`
+}
+
+// encodeJob makes a job record around doc, which json.Marshal made. The document is spliced in
+// rather than marshalled as a json.RawMessage, which would scan and compact it again.
 func encodeJob(j *Job, doc []byte) ([]byte, error) {
-	return json.Marshal(jobRecord{
-		V: recVersion, Doc: doc, Owner: j.OwnerHash, Idem: j.idemHash,
+	priv, err := json.Marshal(jobPrivate{
+		V: recVersion, Owner: j.OwnerHash, Idem: j.idemHash,
 		Fingerprint: j.fingerprint, Route: j.Route, Attrs: j.Attrs,
 	})
+	if err != nil {
+		return nil, err
+	}
+	rec := make([]byte, 0, len(priv)+len(`,"doc":`)+len(doc))
+	rec = append(rec, priv[:len(priv)-1]...) // without its closing brace
+	rec = append(rec, `,"doc":`...)
+	rec = append(rec, doc...)
+	return append(rec, '}'), nil
 }
 
 // decodeJob reads a job record and checks what the rest of the store relies on.
@@ -184,7 +218,26 @@ type resultHead struct {
 	Status int         `json:"status"`
 	Header http.Header `json:"header,omitempty"`
 	Size   int64       `json:"size"`
-	File   bool        `json:"file,omitempty"` // body in a file beside the database
+	// File names the body's file in the results folder; "" when the body is inline.
+	File string `json:"file,omitempty"`
+}
+
+// validResultName reports whether name can be a result file's name: a job id, a dash and a
+// suffix, all within the results folder (a record is never a path from outside, but a decoder
+// must not trust what it reads).
+func validResultName(name string) bool {
+	if len(name) <= idTextLen+1 || len(name) > idTextLen+64 || name[idTextLen] != '-' {
+		return false
+	}
+	if _, ok := parseID(name[:idTextLen]); !ok {
+		return false
+	}
+	for _, c := range []byte(name[idTextLen+1:]) {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
 }
 
 func encodeResult(h resultHead, inline []byte) ([]byte, error) {
@@ -208,7 +261,8 @@ func decodeResult(v []byte) (resultHead, []byte, error) {
 		return h, nil, fmt.Errorf("store: result head: %w", err)
 	}
 	body := v[w+int(n):]
-	if h.Status < 100 || h.Status > 999 || h.Size < 0 || (!h.File && int64(len(body)) != h.Size) || (h.File && len(body) != 0) {
+	file := h.File != ""
+	if h.Status < 100 || h.Status > 999 || h.Size < 0 || (!file && int64(len(body)) != h.Size) || (file && (len(body) != 0 || !validResultName(h.File))) {
 		return h, nil, fmt.Errorf("store: result record with status %d size %d and %d inline bytes", h.Status, h.Size, len(body))
 	}
 	return h, body, nil

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"maps"
 	"net/http"
+	"path/filepath"
 	"reflect"
 	"testing"
 	"time"
@@ -24,6 +25,12 @@ func fuzzID() (rawID, string) {
 		id[i] = byte(0xa0 + i*7)
 	}
 	return id, idEncoding.EncodeToString(id[:])
+}
+
+// fuzzResultName is the name of a result file of fuzzID's job, as CreateTemp makes them.
+func fuzzResultName() string {
+	_, id := fuzzID()
+	return id + "-1234567890"
 }
 
 func fuzzHash(b byte) []byte { return bytes.Repeat([]byte{b}, hashLen) }
@@ -137,7 +144,7 @@ func FuzzDecodeJob(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Add(fullRec)
-	_, id := newID()
+	_, id := newID(time.Now())
 	now := time.Now().UTC()
 	queued := &Job{ID: id, State: Queued, Seq: 1, Request: RequestInfo{Method: "GET", URI: "/"},
 		CreatedAt: now, UpdatedAt: now, Links: linksFor("/jobs", id)}
@@ -220,7 +227,8 @@ func FuzzDecodeResult(f *testing.F) {
 	}
 	add(resultHead{Status: 200, Header: http.Header{"Content-Type": {"text/plain"}, "X-Many": {"a", "b"}}, Size: 5}, []byte("hello"))
 	add(resultHead{Status: 204}, nil)
-	add(resultHead{Status: 502, Header: http.Header{"Content-Type": {"application/json"}}, Size: 1 << 20, File: true}, nil)
+	add(resultHead{Status: 502, Header: http.Header{"Content-Type": {"application/json"}}, Size: 1 << 20, File: fuzzResultName()}, nil)
+	add(resultHead{Status: 200, Size: 1, File: "../../etc/passwd"}, nil) // refused: not a result file's name
 	good, _ := encodeResult(resultHead{Status: 200, Size: 3}, []byte("abc"))
 	f.Add(good[:len(good)-1])                                                       // body shorter than size
 	f.Add(append(bytes.Clone(good), 'd'))                                           // body longer than size
@@ -236,10 +244,10 @@ func FuzzDecodeResult(f *testing.F) {
 		if h.Status < 100 || h.Status > 999 || h.Size < 0 {
 			t.Fatalf("accepted status %d size %d", h.Status, h.Size)
 		}
-		if h.File && len(body) != 0 {
+		if h.File != "" && (len(body) != 0 || !validResultName(h.File) || filepath.Base(h.File) != h.File) {
 			t.Fatalf("file result with %d inline bytes", len(body))
 		}
-		if !h.File && int64(len(body)) != h.Size {
+		if h.File == "" && int64(len(body)) != h.Size {
 			t.Fatalf("inline result of %d bytes, size %d", len(body), h.Size)
 		}
 		enc, err := encodeResult(h, body)
@@ -342,14 +350,14 @@ func FuzzDecodeOwnerKey(f *testing.F) {
 
 func FuzzParseID(f *testing.F) {
 	_, fixed := fuzzID()
-	_, fresh := newID()
+	_, fresh := newID(time.Now())
 	f.Add(fixed)
 	f.Add(fresh)
-	f.Add("AAAAAAAAAAAAAAAAAAAAAA")
-	f.Add("AAAAAAAAAAAAAAAAAAAAAB") // non-zero padding bits: another spelling of the same id
-	f.Add("AAAAAAAAAAAAAAAAAAAA==") // padded
-	f.Add("AAAAAAAAAAAAAAAAAAAAA\n")
-	f.Add("++++++++++++++++++++++") // standard, not URL, alphabet
+	f.Add("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+	f.Add("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==") // padded
+	f.Add("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n")
+	f.Add("++++++++++++++++++++++++++++++++") // standard, not URL, alphabet
+	f.Add("AAAAAAAAAAAAAAAAAAAAAB")           // the 22-character ids of before issue 3
 	f.Add(fixed[:idTextLen-1])
 	f.Add(fixed + "A")
 	f.Add("")
@@ -364,7 +372,7 @@ func FuzzParseID(f *testing.F) {
 		if enc := idEncoding.EncodeToString(id[:]); enc != s {
 			t.Fatalf("accepted %q, another spelling of %q", s, enc)
 		}
-		// Every id made from 16 bytes parses back to them.
+		// Every id made from idLen bytes parses back to them.
 		var other rawID
 		copy(other[:], s)
 		text := idEncoding.EncodeToString(other[:])

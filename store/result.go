@@ -13,8 +13,11 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// tempPrefix marks result files that no commit refers to yet (or any more); Open removes them.
-const tempPrefix = "tmp-"
+// A result body past the inline size is written to a file in the results folder named
+// "<job id>-<random>", and the result record names that file: the commit that stores the record
+// is what makes the file the job's result, and no file is renamed after a commit. Open keeps
+// the files a record names and removes the rest (spools of jobs that never finished, bodies of
+// refused Finish calls).
 
 // secretHeaders are the client's credentials. They have no business in a response, and the
 // store promises never to write them to disk.
@@ -28,18 +31,17 @@ func storableHeader(h http.Header) http.Header {
 	return h
 }
 
-func (s *boltStore) resultPath(id string) string { return filepath.Join(s.resultsDir, id) }
+// resultPath is where the result file of that name lives.
+func (s *boltStore) resultPath(name string) string { return filepath.Join(s.resultsDir, name) }
 
-// resultWriter keeps a body in memory up to the inline size, then spools it to a temporary
-// file. seal makes the spool durable under its temporary name; the commit that records the
-// result is followed by a rename to the final name (see Finish), which Open redoes if a crash
-// lost it.
+// resultWriter keeps a body in memory up to the inline size, then spools it to a file of its
+// own name. seal makes the file durable; the record that names it makes it the job's result.
 type resultWriter struct {
 	store   *boltStore
 	id      string
 	mem     []byte
 	file    *os.File // the spool while writing
-	spool   string   // the spool's name once sealed
+	spool   string   // the spool's path once sealed
 	size    int64
 	err     error
 	settled bool // committed, or discarded
@@ -67,7 +69,7 @@ func (w *resultWriter) Write(p []byte) (int, error) {
 		return len(p), nil
 	}
 	if w.file == nil {
-		f, err := os.CreateTemp(w.store.resultsDir, tempPrefix+w.id+"-*")
+		f, err := os.CreateTemp(w.store.resultsDir, w.id+"-*")
 		if err != nil {
 			w.err = err
 			return 0, err
@@ -88,8 +90,9 @@ func (w *resultWriter) Write(p []byte) (int, error) {
 }
 
 // seal makes the body durable before the commit that refers to it: a small body is returned
-// to be stored inline; a spooled one is fsynced, and so is the folder holding its name.
-func (w *resultWriter) seal() (inline []byte, spool string, err error) {
+// to be stored inline; a spooled one is fsynced, and so is the folder holding its name, which
+// is returned for the record.
+func (w *resultWriter) seal() (inline []byte, name string, err error) {
 	if w.err != nil {
 		return nil, "", w.err
 	}
@@ -106,7 +109,7 @@ func (w *resultWriter) seal() (inline []byte, spool string, err error) {
 	if err := f.Close(); err != nil {
 		return nil, "", err
 	}
-	return nil, w.spool, syncDir(w.store.resultsDir)
+	return nil, filepath.Base(w.spool), syncDir(w.store.resultsDir)
 }
 
 // Discard drops the body. After a successful Finish it does nothing.
@@ -162,11 +165,14 @@ func (s *boltStore) Result(ctx context.Context, id string) (*Result, error) {
 	if r.Header == nil {
 		r.Header = http.Header{}
 	}
-	if !head.File {
+	if head.File == "" {
 		r.Body = io.NopCloser(bytes.NewReader(inline))
 		return r, nil
 	}
-	f, err := s.openResultFile(id, head.Size)
+	f, err := os.Open(s.resultPath(head.File))
+	if os.IsNotExist(err) {
+		return nil, ErrNotFound // deleted between the look-up and the open
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -174,39 +180,15 @@ func (s *boltStore) Result(ctx context.Context, id string) (*Result, error) {
 	return r, nil
 }
 
-// openResultFile opens a job's committed body. Finish renames the body from its spool name to
-// its final one just after the commit that records it, so a reader between the two (one that
-// read the job as finished straight from the database) finds it under the spool name: the same
-// file either way.
-func (s *boltStore) openResultFile(id string, size int64) (*os.File, error) {
-	for range 2 {
-		f, err := os.Open(s.resultPath(id))
-		if !os.IsNotExist(err) {
-			return f, err
-		}
-		spools, _ := filepath.Glob(filepath.Join(s.resultsDir, tempPrefix+id+"-*"))
-		for _, name := range spools {
-			if f, err := os.Open(name); err == nil {
-				if info, err := f.Stat(); err == nil && info.Size() == size {
-					return f, nil
-				}
-				f.Close()
-			}
-		}
-		// The rename may have come between the two looks: look at the final name again.
-	}
-	return nil, ErrNotFound // deleted between the look-up and the open
-}
-
 // trashPrefix names a result file on its way out: moved there inside the transaction that
 // deletes its job, removed after the commit.
-const trashPrefix = tempPrefix + "deleted-"
+const trashPrefix = "deleted-"
 
-// trashResult moves a job's result file to its trash name and returns that name. Called again
-// for the same job (a retried transaction), it finds the file already there.
-func (s *boltStore) trashResult(id string) (string, error) {
-	trash := filepath.Join(s.resultsDir, trashPrefix+id)
-	err := os.Rename(s.resultPath(id), trash)
+// trashResult moves the result file of that name to its trash name and returns the trash path.
+// Called again for the same file (a retried transaction), it finds the file already there.
+func (s *boltStore) trashResult(name string) (string, error) {
+	trash := s.resultPath(trashPrefix + name)
+	err := os.Rename(s.resultPath(name), trash)
 	if os.IsNotExist(err) {
 		if _, statErr := os.Stat(trash); statErr == nil {
 			return trash, nil
@@ -219,74 +201,66 @@ func (s *boltStore) trashResult(id string) (string, error) {
 	return trash, nil
 }
 
-func restoreTrash(trash, path string) {
+// restoreTrash puts a trashed file back, when the delete that moved it did not commit.
+func restoreTrash(trash string) {
 	if trash != "" {
-		os.Rename(trash, path)
+		dir, name := filepath.Split(trash)
+		os.Rename(trash, filepath.Join(dir, strings.TrimPrefix(name, trashPrefix)))
 	}
 }
 
-// settleTempResults finishes what a crash interrupted in the results folder, which holds few
-// temporary files however many results are stored:
-//   - a spool whose job has a committed file result and no file yet: the rename after the
-//     commit was lost; redo it;
-//   - a trashed file whose job still exists: the delete did not commit; put it back;
-//   - anything else temporary: a spool of a job that never finished, a body a refused Finish
-//     left, a trashed file whose delete did commit; remove it.
-func (s *boltStore) settleTempResults() error {
+// settleResultFiles makes the results folder match the result records, finishing what a crash
+// interrupted: a file a record names stays (or, trashed by a delete that did not commit, is
+// put back); every other file goes: the spool of a job that never finished, the body of a
+// Finish that was refused or never committed, a file whose delete did commit. It costs one
+// look-up per file in the folder, which holds only the bodies too large to keep inline.
+func (s *boltStore) settleResultFiles() error {
 	entries, err := os.ReadDir(s.resultsDir)
 	if err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
-	for _, e := range entries {
-		name := e.Name()
-		if !strings.HasPrefix(name, tempPrefix) {
-			continue
-		}
-		path := filepath.Join(s.resultsDir, name)
-		id, ok := strings.CutPrefix(name, trashPrefix)
-		if !ok && len(name) > len(tempPrefix)+idTextLen {
-			id = name[len(tempPrefix) : len(tempPrefix)+idTextLen]
-		}
-		keep, err := s.wantsResultFile(id, path)
-		if err != nil {
-			return err
-		}
-		if keep {
-			if err := os.Rename(path, s.resultPath(id)); err != nil {
-				return fmt.Errorf("store: %w", err)
+	if len(entries) == 0 {
+		return nil
+	}
+	type file struct{ path, name string }
+	var restore, drop []file
+	err = s.view(func(tx *bolt.Tx) error {
+		results := tx.Bucket(bucketResults)
+		for _, e := range entries {
+			path := filepath.Join(s.resultsDir, e.Name())
+			name, trashed := strings.CutPrefix(e.Name(), trashPrefix)
+			f := file{path, name}
+			if len(name) <= idTextLen || name[idTextLen] != '-' {
+				drop = append(drop, f)
+				continue
 			}
-			continue
+			id, ok := parseID(name[:idTextLen])
+			named := false
+			if v := results.Get(id[:]); ok && v != nil {
+				head, _, err := decodeResult(v)
+				named = err == nil && head.File == name
+			}
+			switch {
+			case named && trashed:
+				restore = append(restore, f)
+			case !named:
+				drop = append(drop, f)
+			}
 		}
-		if err := removeIfExists(path); err != nil {
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("store: settle result files: %w", err)
+	}
+	for _, f := range restore {
+		if err := os.Rename(f.path, s.resultPath(f.name)); err != nil {
+			return fmt.Errorf("store: %w", err)
+		}
+	}
+	for _, f := range drop {
+		if err := removeIfExists(f.path); err != nil {
 			return err
 		}
 	}
 	return nil
-}
-
-// wantsResultFile reports whether the file at path is the missing body of job id's committed
-// result: the record says the body is a file of that size and the final name is free.
-func (s *boltStore) wantsResultFile(id, path string) (bool, error) {
-	rid, ok := parseID(id)
-	if !ok {
-		return false, nil
-	}
-	if _, err := os.Stat(s.resultPath(id)); err == nil {
-		return false, nil
-	}
-	info, err := os.Stat(path)
-	if err != nil {
-		return false, nil
-	}
-	want := false
-	err = s.view(func(tx *bolt.Tx) error {
-		v := tx.Bucket(bucketResults).Get(rid[:])
-		if v == nil || tx.Bucket(bucketJobs).Get(rid[:]) == nil {
-			return nil
-		}
-		head, _, err := decodeResult(v)
-		want = err == nil && head.File && head.Size == info.Size()
-		return nil
-	})
-	return want, err
 }

@@ -11,7 +11,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	bolt "go.etcd.io/bbolt"
 )
@@ -34,6 +36,26 @@ func newJob(t testing.TB, s Store) *Job {
 		t.Fatalf("Create: %v created=%v", err, created)
 	}
 	return j
+}
+
+// resultFile is the name of the file holding job id's result body, from its record.
+func resultFile(t testing.TB, s *boltStore, id string) string {
+	t.Helper()
+	rid, _ := parseID(id)
+	var head resultHead
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketResults).Get(rid[:])
+		if v == nil {
+			return ErrNoResult
+		}
+		var err error
+		head, _, err = decodeResult(v)
+		return err
+	})
+	if err != nil || head.File == "" {
+		t.Fatalf("result file of %s: %v (record %+v)", id, err, head)
+	}
+	return head.File
 }
 
 func percent(p float64) func(*Job) error {
@@ -165,7 +187,8 @@ func TestLargeResultSpoolsToFile(t *testing.T) {
 	if _, err := s.Finish(ctx, j.ID, Outcome{State: Succeeded, Response: &ResponseHead{Status: 200}, Body: rw}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(s.resultPath(j.ID)); err != nil {
+	file := resultFile(t, s, j.ID)
+	if _, err := os.Stat(s.resultPath(file)); err != nil {
 		t.Fatalf("large result not in a file: %v", err)
 	}
 	res, err := s.Result(ctx, j.ID)
@@ -184,7 +207,7 @@ func TestLargeResultSpoolsToFile(t *testing.T) {
 	if _, err := s.Finish(ctx, j.ID, Outcome{State: Failed, Response: &ResponseHead{Status: 500}, Body: rw2}); !errors.Is(err, ErrFinished) {
 		t.Fatalf("second finish: %v", err)
 	}
-	if fi, err := os.Stat(s.resultPath(j.ID)); err != nil || fi.Size() != n {
+	if fi, err := os.Stat(s.resultPath(file)); err != nil || fi.Size() != n || resultFile(t, s, j.ID) != file {
 		t.Fatalf("committed body after a refused finish: %v %v", fi, err)
 	}
 	if err := s.Delete(ctx, j.ID); err != nil {
@@ -397,5 +420,112 @@ func TestMalformedIDsAreNotFound(t *testing.T) {
 	}
 	if names, _ := readDirNames(s.resultsDir); len(names) != 0 {
 		t.Fatalf("results folder after a refused Finish: %v", names)
+	}
+}
+
+// TestIDsFollowCreation checks what the write pattern relies on: ids of later jobs sort after
+// earlier ones as raw keys, and each still carries at least 128 random bits.
+func TestIDsFollowCreation(t *testing.T) {
+	start := time.Date(2026, 11, 24, 14, 0, 0, 0, time.UTC)
+	prev, _ := newID(start)
+	for i := 1; i <= 1000; i++ {
+		id, text := newID(start.Add(time.Duration(i) * time.Millisecond))
+		if bytes.Compare(prev[:], id[:]) >= 0 {
+			t.Fatalf("id %x of a later millisecond sorts before %x", id, prev)
+		}
+		if back, ok := parseID(text); !ok || back != id {
+			t.Fatalf("%q does not parse back to %x", text, id)
+		}
+		prev = id
+	}
+	if idRandLen*8 < 128 {
+		t.Fatalf("%d random bits", idRandLen*8)
+	}
+	a, _ := newID(start)
+	b, _ := newID(start)
+	if a == b {
+		t.Fatal("two ids of the same millisecond are equal")
+	}
+}
+
+// TestLiveChanges attacks the in-memory copies of unfinished jobs (live.go): concurrent
+// updates, a cancel and, for half the jobs, a delete. Every surviving job's events must run
+// 1, 2, … with no gap, its stored document must be its newest event's, and no finished or
+// deleted job may stay in memory.
+func TestLiveChanges(t *testing.T) {
+	s := openTest(t, Options{})
+	ctx := context.Background()
+	const (
+		jobs        = 16
+		writersEach = 4
+		updatesEach = 30
+	)
+	ids := make([]string, jobs)
+	var wg sync.WaitGroup
+	for n := range jobs {
+		ids[n] = newJob(t, s).ID
+		for w := range writersEach + 2 {
+			wg.Go(func() {
+				switch {
+				case w < writersEach:
+					for i := range updatesEach {
+						_, err := s.Update(ctx, ids[n], percent(float64(i)))
+						if err != nil && !errors.Is(err, ErrFinished) && !errors.Is(err, ErrNotFound) {
+							t.Error(err)
+							return
+						}
+					}
+				case w == writersEach:
+					if _, _, err := s.Cancel(ctx, ids[n]); err != nil && !errors.Is(err, ErrNotFound) {
+						t.Error(err)
+					}
+				case n%2 == 0:
+					if err := s.Delete(ctx, ids[n]); err != nil {
+						t.Error(err)
+					}
+				}
+			})
+		}
+	}
+	wg.Wait()
+	for n, id := range ids {
+		j, err := s.Get(ctx, id)
+		if n%2 == 0 {
+			if !errors.Is(err, ErrNotFound) {
+				t.Fatalf("deleted job %s: %v", id, err)
+			}
+			continue
+		}
+		if err != nil || j.State != Canceled {
+			t.Fatalf("job %s: %v, state %v", id, err, j)
+		}
+		evs, err := s.Events(ctx, id, 0, 1000)
+		if err != nil || uint64(len(evs)) != j.Seq {
+			t.Fatalf("job %s at seq %d has %d events: %v", id, j.Seq, len(evs), err)
+		}
+		for i, ev := range evs {
+			if ev.Seq != uint64(i+1) {
+				t.Fatalf("job %s: event %d has seq %d", id, i, ev.Seq)
+			}
+		}
+		var last Job
+		if err := json.Unmarshal(evs[len(evs)-1].Data, &last); err != nil || !evs[len(evs)-1].Done() || last.Seq != j.Seq || last.State != Canceled {
+			t.Fatalf("job %s: last event %s: %v", id, evs[len(evs)-1].Data, err)
+		}
+	}
+	// A repeated Idempotency-Key makes no live entry either.
+	spec := NewJob{IdempotencyKey: "k", Request: RequestInfo{Method: "POST", URI: "/a"}}
+	first, _, err := s.Create(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, created, err := s.Create(ctx, spec); err != nil || created {
+		t.Fatalf("repeated key: %v created=%v", err, created)
+	}
+	if _, _, err := s.Cancel(ctx, first.ID); err != nil {
+		t.Fatal(err)
+	}
+	if n := s.live.size(); n != 0 {
+		t.Fatalf("%d jobs left in memory after all ended", n)
 	}
 }

@@ -2,8 +2,6 @@ package store
 
 import (
 	"bytes"
-	"path/filepath"
-	"strings"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -69,7 +67,7 @@ func (s *boltStore) sweep(now time.Time, stop <-chan struct{}) (int, error) {
 		})
 		if err != nil {
 			for _, t := range trash {
-				restoreTrash(t, s.resultPath(strings.TrimPrefix(filepath.Base(t), trashPrefix)))
+				restoreTrash(t)
 			}
 			return total, err
 		}
