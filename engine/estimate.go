@@ -169,11 +169,24 @@ func estimate(times []time.Duration, elapsed time.Duration) (percent, eta float6
 	return math.Floor(percent), -1, true
 }
 
+// usuallyWithin reports whether nine in ten of the run times are shorter than d.
+func usuallyWithin(times []time.Duration, d time.Duration) bool {
+	longer := 0
+	for _, t := range times {
+		if t >= d {
+			longer++
+		}
+	}
+	return longer*10 <= len(times)
+}
+
 // followEstimates publishes estimated progress for a running job until ctx ends, the job
 // gets a real report, or it finishes. It returns a function that stops it and waits.
 func (e *Engine) followEstimates(ctx context.Context, id, key string, started time.Time, every time.Duration) (stop func()) {
 	times := e.routeTimes(key)
-	if len(times) == 0 || every <= 0 {
+	if len(times) == 0 || every <= 0 || usuallyWithin(times, every) {
+		// No history, estimates off, or jobs of the route normally end before the first
+		// estimate would be due: no goroutine, no timer (this is the fast-route common case).
 		return func() {}
 	}
 	ctx, cancel := context.WithCancel(ctx)

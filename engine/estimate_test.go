@@ -107,3 +107,17 @@ func TestEstimatedProgress(t *testing.T) {
 		st.Close()
 	})
 }
+
+func TestUsuallyWithin(t *testing.T) {
+	ms := time.Millisecond
+	fast := []time.Duration{5 * ms, 7 * ms, 9 * ms, 12 * ms, 3 * ms, 4 * ms, 6 * ms, 8 * ms, 10 * ms, 2 * time.Second}
+	if !usuallyWithin(fast, time.Second) {
+		t.Error("one slow run in ten makes a fast route look slow")
+	}
+	if usuallyWithin(append(fast, 3*time.Second), time.Second) {
+		t.Error("two slow runs in eleven: estimates needed")
+	}
+	if usuallyWithin([]time.Duration{10 * time.Second}, time.Second) {
+		t.Error("a slow route looks fast")
+	}
+}
