@@ -1,0 +1,359 @@
+// Command latency measures the callback-to-subscriber latency of issue #4: from just before an
+// upstream's progress report (POST /_jobs/{id}/progress) is sent to the moment an SSE client
+// over HTTP/2 has parsed the event that carries it, with J jobs each watched by W SSE clients
+// and each reporting R times a second (the issue's shape: 1000x10x10).
+//
+// Run it from the module root:
+//
+//	go run ./tests/latency                               # the issue's shapes, plugin and baseline
+//	go run ./tests/latency -shapes 100x10x10 -rounds 3
+//	go run ./tests/latency -targets caddy -profile       # with a CPU profile of Caddy
+//	./xcaddy.sh bench-latency                            # the same as the first line
+//
+// What runs, all on loopback:
+//
+//   - Caddy, built by `go build ./tests/caddy` (as tests/bench does), started afresh for every
+//     measurement with a new store file (fsync on, as always), its own admin port and folders:
+//     https://127.0.0.1:<p> (tls internal, HTTP/2) with progress_api + progress
+//     (callback_base http://127.0.0.1:<q>) + reverse_proxy to the upstream, and
+//     http://127.0.0.1:<q> with progress_api for the callbacks.
+//   - The upstream (the legacy app) is an HTTP server inside this harness: it records the
+//     Progress-Job-Id, Progress-Token and Progress-Callback headers of each proxied request and
+//     holds the request open, so every job stays running for the whole measurement. The
+//     harness's reporters then post the callbacks with those tokens to those URLs, as the app
+//     would; being one process, the token reaches them without any IPC, and the send time of
+//     each report and the arrival time of its event are read from one monotonic clock.
+//   - Reporters: one goroutine per job; at its slot (spread evenly across jobs) it sends
+//     {"percent": k%100, "message": "k<k>"} over HTTP/1.1 keep-alive and waits for the 204. t0
+//     is taken just before the request is sent.
+//   - Subscribers: J×W GET /_jobs/{id}/events streams, HTTP/2 over TLS, -streams per
+//     connection (one net/http Transport per connection). Each reads lines; at the blank line
+//     that dispatches an event it takes t1 and matches the event to its report by "k<k>" in
+//     the document's message (without decoding the rest of the document).
+//   - The baseline, in the same run: this program re-executed as `latency __hub`, a minimal
+//     memory-only Go SSE hub (hub.go) with the same protocol, measured by the same clients.
+//
+// A measurement: make the jobs, open every stream and wait for each one's first document,
+// report for -warmup (samples discarded), then for -window; latencies are kept for the reports
+// sent in the window (exact percentiles from the sorted samples), and CPU is read from /proc
+// over the window: the target's process, the harness, the machine (busy, softirq, idle), and
+// every other process. Before each measurement the harness waits, within -quiet-wait in all,
+// for a machine where other processes use less than 25% of a CPU.
+//
+// Figures are truncated, never rounded up.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"math"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "__hub" {
+		os.Exit(hubMain(os.Args[2:]))
+	}
+	os.Exit(harnessMain(os.Args[1:]))
+}
+
+func harnessMain(args []string) int {
+	fs := flag.NewFlagSet("latency", flag.ContinueOnError)
+	shapes := fs.String("shapes", "1000x10x10,1000x10x1,100x10x10", "comma-separated JOBSxWATCHERSxREPORTS_PER_SECOND")
+	targets := fs.String("targets", "caddy,hub", "comma-separated: caddy (the plugin), hub (the in-memory baseline)")
+	rounds := fs.Int("rounds", 1, "how many times every shape is measured on every target (alternating)")
+	warmup := fs.Duration("warmup", 5*time.Second, "reporting before the window (samples discarded)")
+	window := fs.Duration("window", 20*time.Second, "the measured window")
+	streams := fs.Int("streams", 100, "SSE streams per HTTP/2 connection")
+	profile := fs.Bool("profile", false, "take a CPU profile of Caddy over each window (admin /debug/pprof/profile) and print its top")
+	harnessProfile := fs.Bool("harness-profile", false, "take a CPU profile of the harness itself over each window")
+	quietWait := fs.Duration("quiet-wait", 3*time.Minute, "how long in all to wait for a quiet machine")
+	keep := fs.Bool("keep", false, "keep the temporary folder (Caddyfiles, logs, stores, profiles)")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	var shs []shape
+	for _, v := range strings.Split(*shapes, ",") {
+		s, err := parseShape(strings.TrimSpace(v))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "latency:", err)
+			return 2
+		}
+		shs = append(shs, s)
+	}
+	tgs := strings.Split(*targets, ",")
+	for _, t := range tgs {
+		if t != "caddy" && t != "hub" {
+			fmt.Fprintln(os.Stderr, "latency: -targets takes caddy and hub")
+			return 2
+		}
+	}
+	if *rounds < 1 || *rounds > 10 || *warmup < 0 || *warmup > time.Minute || *window < 2*time.Second ||
+		*window > 5*time.Minute || *streams < 1 || *streams > 1000 || *quietWait < 0 || *quietWait > time.Hour {
+		fmt.Fprintln(os.Stderr, "latency: a flag is out of range")
+		return 2
+	}
+
+	defer stopAll()
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+	go func() {
+		s := <-sigs
+		fmt.Fprintf(os.Stderr, "\nlatency: %v: stopping every process started\n", s)
+		stopAll()
+		os.Exit(130)
+	}()
+
+	root, err := moduleRoot()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "latency:", err)
+		return 1
+	}
+	dir, err := os.MkdirTemp("", "progress-latency-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "latency:", err)
+		return 1
+	}
+	if *keep {
+		defer fmt.Printf("\nkept %s\n", dir)
+	} else {
+		defer os.RemoveAll(dir)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "latency:", err)
+		return 1
+	}
+	fmt.Printf("# latency %s\n# started %s, loadavg %s\n", strings.Join(args, " "), time.Now().UTC().Format(time.RFC3339), loadavg())
+	printMachine()
+	var caddyBin string
+	if strings.Contains(*targets, "caddy") {
+		start := time.Now()
+		if caddyBin, err = buildCaddy(root, filepath.Join(dir, "bin")); err != nil {
+			fmt.Fprintln(os.Stderr, "latency:", err)
+			return 1
+		}
+		fmt.Printf("# built caddy in %v\n", time.Since(start).Truncate(time.Millisecond))
+	}
+
+	quietLeft := *quietWait
+	var all []*result
+	for r := 1; r <= *rounds; r++ {
+		for _, sh := range shs {
+			for _, tname := range tgs {
+				quietLeft = waitQuiet(quietLeft)
+				o := runOpts{warmup: *warmup, window: *window, streamsPerConn: *streams,
+					ours: map[int]string{os.Getpid(): "harness", os.Getppid(): "go run"}}
+				label := fmt.Sprintf("%s-%s-r%d", tname, sh, r)
+				if *profile && tname == "caddy" {
+					o.profilePath = filepath.Join(dir, label+".pprof")
+				}
+				if *harnessProfile {
+					o.harnessProfile = filepath.Join(dir, label+"-harness.pprof")
+				}
+				fmt.Printf("\n## %s: %d jobs x %d watchers x %s reports/s (%s reports/s, %s deliveries/s offered), round %d\n",
+					tname, sh.jobs, sh.watchers, fmtF(sh.rate), commas(int64(sh.reportsPerSec())), commas(int64(sh.deliveriesPerSec())), r)
+				res, err := runOne(tname, caddyBin, self, dir, sh, o)
+				if err != nil {
+					fmt.Printf("# FAILED: %v\n", err)
+					continue
+				}
+				printResult(res)
+				all = append(all, res)
+				for _, p := range []string{o.profilePath, o.harnessProfile} {
+					if p != "" {
+						printProfile(root, caddyBin, self, p)
+					}
+				}
+			}
+		}
+	}
+	fmt.Printf("\n# end %s, loadavg %s\n\n", time.Now().UTC().Format(time.RFC3339), loadavg())
+	printTable(all)
+	return 0
+}
+
+// runOne starts the target afresh, measures, and stops it.
+func runOne(tname, caddyBin, self, dir string, sh shape, o runOpts) (*result, error) {
+	ctx := context.Background()
+	switch tname {
+	case "caddy":
+		up, err := startUpstream()
+		if err != nil {
+			return nil, err
+		}
+		c, err := startCaddy(caddyBin, dir, up)
+		if err != nil {
+			up.close()
+			return nil, err
+		}
+		o.ours[c.pid()] = "caddy"
+		res, err := measure(ctx, c, sh, o)
+		up.close() // the jobs end
+		c.close()
+		if lines := c.errorLines(); len(lines) > 0 {
+			fmt.Printf("# caddy log: %d error lines, first: %s\n", len(lines), clip(lines[0], 300))
+		}
+		return res, err
+	default:
+		h, err := startHubProc(self, dir)
+		if err != nil {
+			return nil, err
+		}
+		o.ours[h.pid()] = "hub"
+		defer h.close()
+		return measure(ctx, h, sh, o)
+	}
+}
+
+// waitQuiet waits until other processes use less than 25% of a CPU in all (2 s samples, every
+// 10 s), within the budget left; it returns what is left.
+func waitQuiet(left time.Duration) time.Duration {
+	start := time.Now()
+	ours := map[int]string{os.Getpid(): "harness", os.Getppid(): "go run"}
+	for {
+		a := takeSnapshot()
+		time.Sleep(2 * time.Second)
+		_, others := usage(a, takeSnapshot(), ours)
+		if sumUse(others) < 25 {
+			break
+		}
+		if time.Since(start)+10*time.Second > left {
+			fmt.Printf("# the machine is busy (%s) and the quiet-wait budget is spent; measuring anyway\n", describeOthers(others, 3))
+			break
+		}
+		fmt.Printf("# waiting for a quiet machine: others %.1f%% of a CPU (%s)\n", sumUse(others), describeOthers(others, 3))
+		time.Sleep(8 * time.Second)
+	}
+	return max(0, left-time.Since(start))
+}
+
+func printMachine() {
+	model := "?"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				model = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	nproc, _ := exec.Command("nproc").Output()
+	gov, _ := exec.Command("go", "version").Output()
+	fmt.Printf("# machine: nproc %s, CPU %s, %s\n", strings.TrimSpace(string(nproc)), model, strings.TrimSpace(string(gov)))
+}
+
+func printResult(r *result) {
+	w := r.window.Seconds()
+	offered := r.shape.deliveriesPerSec()
+	fmt.Printf("# setup %v: %d streams on %d HTTP/2 connections\n", r.setup.Truncate(time.Millisecond), r.streams, r.conns)
+	fmt.Printf("reports: %d sent in the %v window (%s/s of %s/s offered), %d answered 204, %d late, %d callback errors\n",
+		r.sent, r.window, fmtF(float64(r.sent)/w), fmtF(r.shape.reportsPerSec()), r.acked, r.late, r.cbErrors)
+	fmt.Printf("deliveries: %d of %d expected (%s/s of %s/s offered); avg event data %d B; %d unmatched, %d subscriber errors\n",
+		len(r.lat), r.sent*int64(r.shape.watchers), fmtF(float64(len(r.lat))/w), fmtF(offered), avg(r.eventBytes, r.events), r.unmatched, r.subErrors)
+	fmt.Printf("latency callback→event ms: p50 %s p90 %s p99 %s p99.9 %s max %s\n",
+		ms(pct(r.lat, .5)), ms(pct(r.lat, .9)), ms(pct(r.lat, .99)), ms(pct(r.lat, .999)), ms(pct(r.lat, 1)))
+	fmt.Printf("latency callback→204 ms:   p50 %s p90 %s p99 %s p99.9 %s max %s\n",
+		ms(pct(r.ack, .5)), ms(pct(r.ack, .9)), ms(pct(r.ack, .99)), ms(pct(r.ack, .999)), ms(pct(r.ack, 1)))
+	fmt.Printf("cpu %% of one CPU over the window: %s %s, harness %s, machine busy %s (softirq %s) idle %s iowait %s of 200; others %s (%s)\n",
+		r.target, fmtF(r.targetCPU), fmtF(r.harnessCPU), fmtF(r.machine.busy), fmtF(r.machine.softirq), fmtF(r.machine.idle), fmtF(r.machine.iowait),
+		fmtF(sumUse(r.others)), describeOthers(r.others, 3))
+	fmt.Printf("loadavg before %s, after %s\n", r.loadStart, r.loadEnd)
+	if r.firstErr != "" {
+		fmt.Printf("first error: %s\n", clip(r.firstErr, 300))
+	}
+}
+
+// printTable prints one Markdown row per measurement.
+func printTable(all []*result) {
+	fmt.Println("| target | shape (jobs×watchers×reports/s) | reports/s | deliveries/s (expected) | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | 204 p50 ms | 204 p99 ms | target CPU % | harness CPU % | machine idle % of 200 | others % |")
+	fmt.Println("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	for _, r := range all {
+		w := r.window.Seconds()
+		fmt.Printf("| %s | %s | %s | %s (%s) | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+			r.target, strings.ReplaceAll(r.shape.String(), "x", "×"), fmtF(float64(r.sent)/w),
+			fmtF(float64(len(r.lat))/w), fmtF(float64(r.sent*int64(r.shape.watchers))/w),
+			ms(pct(r.lat, .5)), ms(pct(r.lat, .9)), ms(pct(r.lat, .99)), ms(pct(r.lat, .999)), ms(pct(r.lat, 1)),
+			ms(pct(r.ack, .5)), ms(pct(r.ack, .99)), fmtF(r.targetCPU), fmtF(r.harnessCPU), fmtF(r.machine.idle), fmtF(sumUse(r.others)))
+	}
+}
+
+func printProfile(root, caddyBin, self, path string) {
+	bin := caddyBin
+	if strings.HasSuffix(path, "-harness.pprof") {
+		bin = self
+	}
+	if _, err := os.Stat(path); err != nil {
+		return
+	}
+	for _, extra := range [][]string{{"-nodecount=35"}, {"-cum", "-nodecount=60"}} {
+		args := append([]string{"tool", "pprof", "-top"}, extra...)
+		args = append(args, bin, path)
+		cmd := exec.Command("go", args...)
+		cmd.Dir = root
+		out, err := cmd.Output()
+		fmt.Printf("$ go tool pprof -top %s %s\n", strings.Join(extra, " "), filepath.Base(path))
+		if err != nil {
+			fmt.Printf("# pprof: %v\n", err)
+			return
+		}
+		fmt.Print(string(out))
+	}
+}
+
+// ms formats nanoseconds as milliseconds with 3 decimals, truncated.
+func ms(ns int64) string {
+	if ns < 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%d.%03d", ns/1e6, ns%1e6/1e3)
+}
+
+// fmtF formats with one decimal, truncated.
+func fmtF(x float64) string {
+	v := math.Trunc(x*10) / 10
+	if v == math.Trunc(v) {
+		return commas(int64(v))
+	}
+	return commas(int64(v)) + fmt.Sprintf(".%d", int64(math.Abs(x*10))%10)
+}
+
+func avg(sum, n int64) int64 {
+	if n == 0 {
+		return 0
+	}
+	return sum / n
+}
+
+func commas(n int64) string {
+	neg := n < 0
+	if neg {
+		n = -n
+	}
+	s := fmt.Sprint(n)
+	var b strings.Builder
+	for i, c := range s {
+		if i > 0 && (len(s)-i)%3 == 0 {
+			b.WriteByte(',')
+		}
+		b.WriteRune(c)
+	}
+	if neg {
+		return "-" + b.String()
+	}
+	return b.String()
+}
+
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
