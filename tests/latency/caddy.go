@@ -34,6 +34,8 @@ type target interface {
 	makeJobs(ctx context.Context, n int) ([]job, error)
 	// profile fetches a CPU profile of the target's process, if it can, into path.
 	profile(ctx context.Context, seconds int, path string) error
+	// trace fetches an execution trace of the target's process, if it can, into path.
+	trace(ctx context.Context, seconds int, path string) error
 	close()
 }
 
@@ -340,6 +342,10 @@ func (c *caddyTarget) makeJobs(ctx context.Context, n int) ([]job, error) {
 
 func (c *caddyTarget) profile(ctx context.Context, seconds int, path string) error {
 	return fetchProfile(ctx, fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", c.admin, seconds), path)
+}
+
+func (c *caddyTarget) trace(ctx context.Context, seconds int, path string) error {
+	return fetchProfile(ctx, fmt.Sprintf("http://%s/debug/pprof/trace?seconds=%d", c.admin, seconds), path)
 }
 
 func (c *caddyTarget) close() {

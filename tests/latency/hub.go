@@ -329,6 +329,8 @@ func (h *hubTarget) makeJobs(_ context.Context, n int) ([]job, error) {
 
 func (h *hubTarget) profile(context.Context, int, string) error { return errNotSupported }
 
+func (h *hubTarget) trace(context.Context, int, string) error { return errNotSupported }
+
 func (h *hubTarget) close() {
 	if h.proc != nil {
 		h.proc.stop(5 * time.Second)

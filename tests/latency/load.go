@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -59,6 +60,8 @@ type runOpts struct {
 	window         time.Duration
 	streamsPerConn int
 	profilePath    string // a CPU profile of the target over the window, if the target can
+	tracePath      string // an execution trace of the target, 3 s from 2 s into the window
+	probeDir       string // where the fsync probe writes ("": no probe)
 	harnessProfile string // a CPU profile of the harness itself over the window
 	ours           map[int]string
 }
@@ -88,6 +91,9 @@ type result struct {
 	harnessCPU float64
 	machine    machineUse
 	others     []procUse
+	fsync      []int64 // the fsync probe: write 4 KiB + fdatasync every 50 ms in the window, ns, sorted
+	forks      int64   // processes created on the machine during the window (/proc/stat processes)
+	runnable   float64 // mean of procs_running (/proc/stat) sampled every 100 ms over the window
 	loadStart  string
 	loadEnd    string
 	firstErr   string
@@ -151,7 +157,9 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 			var once sync.Once
 			isReady := func() { once.Do(func() { <-sem; ready.Done() }) }
 			defer isReady()
-			cl := &http.Client{Transport: transports[s%nconns]}
+			// Watcher w of job j goes on connection (j+w) mod nconns: the watchers of one job
+			// sit on different connections, as different clients would.
+			cl := &http.Client{Transport: transports[(s%sh.jobs+s/sh.jobs)%nconns]}
 			req, _ := http.NewRequestWithContext(subCtx, http.MethodGet, st.events, nil)
 			req.Header.Set("Accept", "text/event-stream")
 			resp, err := cl.Do(req)
@@ -303,6 +311,7 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 	// The window: CPU snapshots at its ends, optional profiles inside it.
 	time.Sleep(time.Until(base.Add(o.warmup)))
 	a := takeSnapshot()
+	forks0 := forkCount()
 	profErr := make(chan error, 1)
 	if o.profilePath != "" {
 		secs := max(1, int((o.window-time.Second)/time.Second))
@@ -314,6 +323,17 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 	} else {
 		profErr <- nil
 	}
+	traceErr := make(chan error, 1)
+	if o.tracePath != "" {
+		go func() {
+			time.Sleep(2 * time.Second)
+			pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			traceErr <- tg.trace(pctx, 3, o.tracePath)
+		}()
+	} else {
+		traceErr <- nil
+	}
 	if o.harnessProfile != "" {
 		if f, err := os.Create(o.harnessProfile); err == nil {
 			if pprof.StartCPUProfile(f) == nil {
@@ -324,8 +344,25 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 			}
 		}
 	}
+	probe := make(chan []int64, 1)
+	go func() { probe <- fsyncProbe(o.probeDir, base.Add(o.warmup+o.window)) }()
+	runq := make(chan float64, 1)
+	go func() {
+		var sum float64
+		n := 0
+		for time.Until(base.Add(o.warmup+o.window)) > 100*time.Millisecond {
+			sum += float64(procsRunning())
+			n++
+			time.Sleep(100 * time.Millisecond)
+		}
+		runq <- sum / float64(max(n, 1))
+	}()
 	time.Sleep(time.Until(base.Add(o.warmup + o.window)))
 	b := takeSnapshot()
+	res.forks = forkCount() - forks0
+	res.runnable = <-runq
+	res.fsync = <-probe
+	slices.Sort(res.fsync)
 	res.loadEnd = loadavg()
 	mine, others := usage(a, b, o.ours)
 	res.targetCPU, res.harnessCPU, res.machine, res.others = mine[tg.name()], mine["harness"], machineUsage(a, b), others
@@ -345,6 +382,9 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 	subsDone.Wait()
 	if err := <-profErr; err != nil && !errors.Is(err, errNotSupported) {
 		return nil, fmt.Errorf("profile: %w", err)
+	}
+	if err := <-traceErr; err != nil && !errors.Is(err, errNotSupported) {
+		return nil, fmt.Errorf("trace: %w", err)
 	}
 
 	for _, l := range lats {
@@ -394,4 +434,34 @@ func pct(xs []int64, q float64) int64 {
 	}
 	i := int(math.Ceil(float64(len(xs))*q)) - 1
 	return xs[min(max(i, 0), len(xs)-1)]
+}
+
+// fsyncProbe writes 4 KiB and fdatasyncs a file in dir every 50 ms until end, and returns how
+// long each took: what one durable write costs on this disk while the measurement runs (a
+// bbolt commit has two). A probe adds 20 small writes a second to the disk's load.
+func fsyncProbe(dir string, end time.Time) []int64 {
+	if dir == "" {
+		return nil
+	}
+	f, err := os.CreateTemp(dir, "fsync-probe-")
+	if err != nil {
+		return nil
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	buf := make([]byte, 4096)
+	var out []int64
+	for i := 0; time.Until(end) > 50*time.Millisecond; i++ {
+		buf[0] = byte(i)
+		t := time.Now()
+		if _, err := f.WriteAt(buf, int64(i%16)*4096); err != nil {
+			return out
+		}
+		if err := syscall.Fdatasync(int(f.Fd())); err != nil {
+			return out
+		}
+		out = append(out, int64(time.Since(t)))
+		time.Sleep(50 * time.Millisecond)
+	}
+	return out
 }

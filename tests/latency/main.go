@@ -73,6 +73,7 @@ func harnessMain(args []string) int {
 	window := fs.Duration("window", 20*time.Second, "the measured window")
 	streams := fs.Int("streams", 100, "SSE streams per HTTP/2 connection")
 	profile := fs.Bool("profile", false, "take a CPU profile of Caddy over each window (admin /debug/pprof/profile) and print its top")
+	trace := fs.Bool("trace", false, "take a 3 s execution trace of Caddy in each window (admin /debug/pprof/trace) and print its syscall and scheduler-latency profiles")
 	harnessProfile := fs.Bool("harness-profile", false, "take a CPU profile of the harness itself over each window")
 	quietWait := fs.Duration("quiet-wait", 3*time.Minute, "how long in all to wait for a quiet machine")
 	keep := fs.Bool("keep", false, "keep the temporary folder (Caddyfiles, logs, stores, profiles)")
@@ -150,10 +151,13 @@ func harnessMain(args []string) int {
 			for _, tname := range tgs {
 				quietLeft = waitQuiet(quietLeft)
 				o := runOpts{warmup: *warmup, window: *window, streamsPerConn: *streams,
-					ours: map[int]string{os.Getpid(): "harness", os.Getppid(): "go run"}}
+					ours: map[int]string{os.Getpid(): "harness", os.Getppid(): "go run"}, probeDir: dir}
 				label := fmt.Sprintf("%s-%s-r%d", tname, sh, r)
 				if *profile && tname == "caddy" {
 					o.profilePath = filepath.Join(dir, label+".pprof")
+				}
+				if *trace && tname == "caddy" {
+					o.tracePath = filepath.Join(dir, label+".trace")
 				}
 				if *harnessProfile {
 					o.harnessProfile = filepath.Join(dir, label+"-harness.pprof")
@@ -171,6 +175,9 @@ func harnessMain(args []string) int {
 					if p != "" {
 						printProfile(root, caddyBin, self, p)
 					}
+				}
+				if o.tracePath != "" {
+					printTrace(root, caddyBin, o.tracePath)
 				}
 			}
 		}
@@ -262,9 +269,11 @@ func printResult(r *result) {
 		ms(pct(r.lat, .5)), ms(pct(r.lat, .9)), ms(pct(r.lat, .99)), ms(pct(r.lat, .999)), ms(pct(r.lat, 1)))
 	fmt.Printf("latency callback→204 ms:   p50 %s p90 %s p99 %s p99.9 %s max %s\n",
 		ms(pct(r.ack, .5)), ms(pct(r.ack, .9)), ms(pct(r.ack, .99)), ms(pct(r.ack, .999)), ms(pct(r.ack, 1)))
-	fmt.Printf("cpu %% of one CPU over the window: %s %s, harness %s, machine busy %s (softirq %s) idle %s iowait %s of 200; others %s (%s)\n",
+	fmt.Printf("fsync probe (4 KiB write + fdatasync, every 50 ms, %d samples) ms: p50 %s p90 %s p99 %s max %s\n",
+		len(r.fsync), ms(pct(r.fsync, .5)), ms(pct(r.fsync, .9)), ms(pct(r.fsync, .99)), ms(pct(r.fsync, 1)))
+	fmt.Printf("cpu %% of one CPU over the window: %s %s, harness %s, machine busy %s (softirq %s) idle %s iowait %s of 200; others %s (%s); unaccounted (short-lived processes, softirq) %s; runnable threads %s on average; %d processes started on the machine\n",
 		r.target, fmtF(r.targetCPU), fmtF(r.harnessCPU), fmtF(r.machine.busy), fmtF(r.machine.softirq), fmtF(r.machine.idle), fmtF(r.machine.iowait),
-		fmtF(sumUse(r.others)), describeOthers(r.others, 3))
+		fmtF(sumUse(r.others)), describeOthers(r.others, 3), fmtF(r.machine.busy-r.targetCPU-r.harnessCPU-sumUse(r.others)), fmtF(r.runnable), r.forks)
 	fmt.Printf("loadavg before %s, after %s\n", r.loadStart, r.loadEnd)
 	if r.firstErr != "" {
 		fmt.Printf("first error: %s\n", clip(r.firstErr, 300))
@@ -273,15 +282,16 @@ func printResult(r *result) {
 
 // printTable prints one Markdown row per measurement.
 func printTable(all []*result) {
-	fmt.Println("| target | shape (jobs×watchers×reports/s) | reports/s | deliveries/s (expected) | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | 204 p50 ms | 204 p99 ms | target CPU % | harness CPU % | machine idle % of 200 | others % |")
-	fmt.Println("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	fmt.Println("| target | shape (jobs×watchers×reports/s) | reports/s | deliveries/s (expected) | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | 204 p50 ms | 204 p99 ms | target CPU % | harness CPU % | machine idle % of 200 | others % | unaccounted % | runnable |")
+	fmt.Println("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 	for _, r := range all {
 		w := r.window.Seconds()
-		fmt.Printf("| %s | %s | %s | %s (%s) | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+		fmt.Printf("| %s | %s | %s | %s (%s) | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
 			r.target, strings.ReplaceAll(r.shape.String(), "x", "×"), fmtF(float64(r.sent)/w),
 			fmtF(float64(len(r.lat))/w), fmtF(float64(r.sent*int64(r.shape.watchers))/w),
 			ms(pct(r.lat, .5)), ms(pct(r.lat, .9)), ms(pct(r.lat, .99)), ms(pct(r.lat, .999)), ms(pct(r.lat, 1)),
-			ms(pct(r.ack, .5)), ms(pct(r.ack, .99)), fmtF(r.targetCPU), fmtF(r.harnessCPU), fmtF(r.machine.idle), fmtF(sumUse(r.others)))
+			ms(pct(r.ack, .5)), ms(pct(r.ack, .99)), fmtF(r.targetCPU), fmtF(r.harnessCPU), fmtF(r.machine.idle), fmtF(sumUse(r.others)),
+			fmtF(r.machine.busy-r.targetCPU-r.harnessCPU-sumUse(r.others)), fmtF(r.runnable))
 	}
 }
 
@@ -303,6 +313,36 @@ func printProfile(root, caddyBin, self, path string) {
 		if err != nil {
 			fmt.Printf("# pprof: %v\n", err)
 			return
+		}
+		fmt.Print(string(out))
+	}
+}
+
+// printTrace prints where the traced goroutines waited: in system calls (fdatasync among
+// them), for a CPU (scheduler latency), on synchronisation and on the network.
+func printTrace(root, caddyBin, path string) {
+	if _, err := os.Stat(path); err != nil {
+		return
+	}
+	for _, kind := range []string{"syscall", "sched", "sync", "net"} {
+		prof := path + "." + kind + ".pprof"
+		cmd := exec.Command("go", "tool", "trace", "-pprof="+kind, path)
+		cmd.Dir = root
+		out, err := cmd.Output()
+		if err != nil {
+			fmt.Printf("# go tool trace -pprof=%s: %v\n", kind, err)
+			continue
+		}
+		if err := os.WriteFile(prof, out, 0o644); err != nil {
+			continue
+		}
+		cmd = exec.Command("go", "tool", "pprof", "-top", "-nodecount=25", caddyBin, prof)
+		cmd.Dir = root
+		out, err = cmd.Output()
+		fmt.Printf("$ go tool trace -pprof=%s %s | go tool pprof -top -nodecount=25\n", kind, filepath.Base(path))
+		if err != nil {
+			fmt.Printf("# pprof: %v\n", err)
+			continue
 		}
 		fmt.Print(string(out))
 	}
