@@ -214,7 +214,8 @@ http://127.0.0.1:%[5]d {
 			return nil, err
 		}
 	}
-	env = append(env, "HOME="+filepath.Join(dir, "home"), "XDG_DATA_HOME="+filepath.Join(dir, "data"),
+	// gctrace: one line per GC in Caddy's log, to tell GC pauses from other stalls.
+	env = append(env, "GODEBUG=gctrace=1", "HOME="+filepath.Join(dir, "home"), "XDG_DATA_HOME="+filepath.Join(dir, "data"),
 		"XDG_CONFIG_HOME="+filepath.Join(dir, "config"))
 	c.logPath = filepath.Join(dir, "caddy.log")
 	logFile, err := os.Create(c.logPath)
@@ -268,6 +269,18 @@ func (c *caddyTarget) logTail(n int) string {
 	b, _ := os.ReadFile(c.logPath)
 	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+// gcLines returns Caddy's gctrace lines ("gc N @Ts …").
+func (c *caddyTarget) gcLines() []string {
+	b, _ := os.ReadFile(c.logPath)
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "gc ") && strings.Contains(line, "ms clock") {
+			out = append(out, line)
+		}
+	}
+	return out
 }
 
 // errorLines returns the error lines of Caddy's log.

@@ -10,6 +10,7 @@ import (
 	"math"
 	"net/http"
 	"os"
+	"path/filepath"
 	"runtime/pprof"
 	"slices"
 	"strconv"
@@ -17,6 +18,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	bolt "go.etcd.io/bbolt"
 )
 
 // shape is one load: jobs × watchers SSE clients, each job reporting rate times a second.
@@ -92,12 +95,18 @@ type result struct {
 	machine    machineUse
 	others     []procUse
 	fsync      []int64 // the fsync probe: write 4 KiB + fdatasync every 50 ms in the window, ns, sorted
+	boltPut    []int64 // the bbolt probe: one db.Update putting 512 B every 50 ms in the window, ns, sorted
+	bucketMax  []int64 // the largest latency of the reports sent in each 100 ms of the window
+	gcs        []string // the target's gctrace lines in the window
 	forks      int64   // processes created on the machine during the window (/proc/stat processes)
 	runnable   float64 // mean of procs_running (/proc/stat) sampled every 100 ms over the window
 	loadStart  string
 	loadEnd    string
 	firstErr   string
 }
+
+// bucketWidth is the time resolution at which the harness looks for stalls.
+const bucketWidth = 100 * time.Millisecond
 
 // jobState is the harness's view of one job: when each report was sent.
 type jobState struct {
@@ -145,6 +154,7 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 		firstErr.CompareAndSwap(nil, err.Error())
 	}
 	lats := make([][]int64, nstreams)
+	buckets := make([]atomic.Int64, int(o.window/bucketWidth)+1) // max latency per 100 ms of t0 in the window
 	var events, eventBytes, unmatched, subErrors atomic.Int64
 	sem := make(chan struct{}, 256) // streams being opened at once
 	for s := range nstreams {
@@ -208,6 +218,9 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 								unmatched.Add(1)
 							} else if t0 >= winStart && t0 < winEnd {
 								mine = append(mine, t1-t0)
+								bm := &buckets[(t0-winStart)/int64(bucketWidth)]
+								for v := bm.Load(); t1-t0 > v && !bm.CompareAndSwap(v, t1-t0); v = bm.Load() {
+								}
 								events.Add(1)
 								eventBytes.Add(int64(dataLen))
 							}
@@ -312,6 +325,11 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 	time.Sleep(time.Until(base.Add(o.warmup)))
 	a := takeSnapshot()
 	forks0 := forkCount()
+	gcTarget, hasGC := tg.(interface{ gcLines() []string })
+	gc0 := 0
+	if hasGC {
+		gc0 = len(gcTarget.gcLines())
+	}
 	profErr := make(chan error, 1)
 	if o.profilePath != "" {
 		secs := max(1, int((o.window-time.Second)/time.Second))
@@ -344,8 +362,9 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 			}
 		}
 	}
-	probe := make(chan []int64, 1)
+	probe, boltProbe := make(chan []int64, 1), make(chan []int64, 1)
 	go func() { probe <- fsyncProbe(o.probeDir, base.Add(o.warmup+o.window)) }()
+	go func() { boltProbe <- boltUpdateProbe(o.probeDir, base.Add(o.warmup+o.window)) }()
 	runq := make(chan float64, 1)
 	go func() {
 		var sum float64
@@ -360,9 +379,15 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 	time.Sleep(time.Until(base.Add(o.warmup + o.window)))
 	b := takeSnapshot()
 	res.forks = forkCount() - forks0
+	if hasGC {
+		if lines := gcTarget.gcLines(); len(lines) >= gc0 {
+			res.gcs = lines[gc0:]
+		}
+	}
 	res.runnable = <-runq
-	res.fsync = <-probe
+	res.fsync, res.boltPut = <-probe, <-boltProbe
 	slices.Sort(res.fsync)
+	slices.Sort(res.boltPut)
 	res.loadEnd = loadavg()
 	mine, others := usage(a, b, o.ours)
 	res.targetCPU, res.harnessCPU, res.machine, res.others = mine[tg.name()], mine["harness"], machineUsage(a, b), others
@@ -387,6 +412,10 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 		return nil, fmt.Errorf("trace: %w", err)
 	}
 
+	res.bucketMax = make([]int64, len(buckets))
+	for i := range buckets {
+		res.bucketMax[i] = buckets[i].Load()
+	}
 	for _, l := range lats {
 		res.lat = append(res.lat, l...)
 	}
@@ -458,6 +487,41 @@ func fsyncProbe(dir string, end time.Time) []int64 {
 			return out
 		}
 		if err := syscall.Fdatasync(int(f.Fd())); err != nil {
+			return out
+		}
+		out = append(out, int64(time.Since(t)))
+		time.Sleep(50 * time.Millisecond)
+	}
+	return out
+}
+
+// boltUpdateProbe is the durable floor of the store on this disk, measured meanwhile: one raw
+// bbolt db.Update (a 512-byte Put, the hashmap freelist as the store uses, fsync on) every
+// 50 ms until end, in a file of its own. Each commit costs what a lone report's commit would,
+// without the store's encoding and without the queueing behind other reports.
+func boltUpdateProbe(dir string, end time.Time) []int64 {
+	if dir == "" {
+		return nil
+	}
+	path := filepath.Join(dir, fmt.Sprintf("bolt-probe-%d.db", time.Now().UnixNano()))
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second, FreelistType: bolt.FreelistMapType})
+	if err != nil {
+		return nil
+	}
+	defer os.Remove(path)
+	defer db.Close()
+	val := make([]byte, 512)
+	var out []int64
+	for i := 0; time.Until(end) > 50*time.Millisecond; i++ {
+		t := time.Now()
+		err := db.Update(func(tx *bolt.Tx) error {
+			b, err := tx.CreateBucketIfNotExists([]byte("probe"))
+			if err != nil {
+				return err
+			}
+			return b.Put([]byte(strconv.Itoa(i%1000)), val)
+		})
+		if err != nil {
 			return out
 		}
 		out = append(out, int64(time.Since(t)))

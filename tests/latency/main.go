@@ -44,6 +44,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"flag"
 	"fmt"
@@ -52,6 +53,8 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -271,27 +274,76 @@ func printResult(r *result) {
 		ms(pct(r.ack, .5)), ms(pct(r.ack, .9)), ms(pct(r.ack, .99)), ms(pct(r.ack, .999)), ms(pct(r.ack, 1)))
 	fmt.Printf("fsync probe (4 KiB write + fdatasync, every 50 ms, %d samples) ms: p50 %s p90 %s p99 %s max %s\n",
 		len(r.fsync), ms(pct(r.fsync, .5)), ms(pct(r.fsync, .9)), ms(pct(r.fsync, .99)), ms(pct(r.fsync, 1)))
+	fmt.Printf("bbolt probe (one db.Update of 512 B, every 50 ms, %d samples) ms: p50 %s p90 %s p99 %s max %s\n",
+		len(r.boltPut), ms(pct(r.boltPut, .5)), ms(pct(r.boltPut, .9)), ms(pct(r.boltPut, .99)), ms(pct(r.boltPut, 1)))
 	fmt.Printf("cpu %% of one CPU over the window: %s %s, harness %s, machine busy %s (softirq %s) idle %s iowait %s of 200; others %s (%s); unaccounted (short-lived processes, softirq) %s; runnable threads %s on average; %d processes started on the machine\n",
 		r.target, fmtF(r.targetCPU), fmtF(r.harnessCPU), fmtF(r.machine.busy), fmtF(r.machine.softirq), fmtF(r.machine.idle), fmtF(r.machine.iowait),
 		fmtF(sumUse(r.others)), describeOthers(r.others, 3), fmtF(r.machine.busy-r.targetCPU-r.harnessCPU-sumUse(r.others)), fmtF(r.runnable), r.forks)
+	printStalls(r)
+	if len(r.gcs) > 0 {
+		// "gc N @Ts P%: A+B+C ms clock, …": A and C are the stop-the-world phases.
+		var maxSTW, sumSTW float64
+		for _, line := range r.gcs {
+			_, rest, _ := strings.Cut(line, "%: ")
+			clock, _, _ := strings.Cut(rest, " ms clock")
+			f := strings.Split(clock, "+")
+			if len(f) == 3 {
+				a, _ := strconv.ParseFloat(f[0], 64)
+				c, _ := strconv.ParseFloat(f[2], 64)
+				maxSTW, sumSTW = max(maxSTW, a+c), sumSTW+a+c
+			}
+		}
+		fmt.Printf("caddy GC in the window (GODEBUG=gctrace=1): %d cycles, stop-the-world %.3f ms in all, at most %.3f ms; the last: %s\n",
+			len(r.gcs), sumSTW, maxSTW, r.gcs[len(r.gcs)-1])
+	}
 	fmt.Printf("loadavg before %s, after %s\n", r.loadStart, r.loadEnd)
 	if r.firstErr != "" {
 		fmt.Printf("first error: %s\n", clip(r.firstErr, 300))
 	}
 }
 
+// printStalls says whether the slow deliveries cluster in time (a stall of the whole target:
+// a slow commit, a GC, a busy machine) or spread over the window.
+func printStalls(r *result) {
+	over := func(limit time.Duration) int {
+		n := 0
+		for _, v := range r.bucketMax {
+			if v > int64(limit) {
+				n++
+			}
+		}
+		return n
+	}
+	type b struct {
+		at  time.Duration
+		max int64
+	}
+	var worst []b
+	for i, v := range r.bucketMax {
+		worst = append(worst, b{time.Duration(i) * bucketWidth, v})
+	}
+	slices.SortFunc(worst, func(x, y b) int { return cmp.Compare(y.max, x.max) })
+	var parts []string
+	for _, w := range worst[:min(6, len(worst))] {
+		parts = append(parts, fmt.Sprintf("+%v: %s", w.at, ms(w.max)))
+	}
+	fmt.Printf("stalls: of %d 100-ms slices of the window, %d had a delivery over 2 ms, %d over 10 ms, %d over 50 ms; worst (offset in window: max ms) %s\n",
+		len(r.bucketMax), over(2*time.Millisecond), over(10*time.Millisecond), over(50*time.Millisecond), strings.Join(parts, ", "))
+}
+
 // printTable prints one Markdown row per measurement.
 func printTable(all []*result) {
-	fmt.Println("| target | shape (jobs×watchers×reports/s) | reports/s | deliveries/s (expected) | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | 204 p50 ms | 204 p99 ms | target CPU % | harness CPU % | machine idle % of 200 | others % | unaccounted % | runnable |")
-	fmt.Println("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	fmt.Println("| target | shape (jobs×watchers×reports/s) | reports/s | deliveries/s (expected) | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | 204 p50 ms | 204 p99 ms | target CPU % | harness CPU % | machine idle % of 200 | others % | unaccounted % | runnable | fsync probe p50/p99 ms | bbolt probe p50/p99 ms |")
+	fmt.Println("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 	for _, r := range all {
 		w := r.window.Seconds()
-		fmt.Printf("| %s | %s | %s | %s (%s) | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+		fmt.Printf("| %s | %s | %s | %s (%s) | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s / %s | %s / %s |\n",
 			r.target, strings.ReplaceAll(r.shape.String(), "x", "×"), fmtF(float64(r.sent)/w),
 			fmtF(float64(len(r.lat))/w), fmtF(float64(r.sent*int64(r.shape.watchers))/w),
 			ms(pct(r.lat, .5)), ms(pct(r.lat, .9)), ms(pct(r.lat, .99)), ms(pct(r.lat, .999)), ms(pct(r.lat, 1)),
 			ms(pct(r.ack, .5)), ms(pct(r.ack, .99)), fmtF(r.targetCPU), fmtF(r.harnessCPU), fmtF(r.machine.idle), fmtF(sumUse(r.others)),
-			fmtF(r.machine.busy-r.targetCPU-r.harnessCPU-sumUse(r.others)), fmtF(r.runnable))
+			fmtF(r.machine.busy-r.targetCPU-r.harnessCPU-sumUse(r.others)), fmtF(r.runnable),
+			ms(pct(r.fsync, .5)), ms(pct(r.fsync, .99)), ms(pct(r.boltPut, .5)), ms(pct(r.boltPut, .99)))
 	}
 }
 
