@@ -94,12 +94,12 @@ type result struct {
 	harnessCPU float64
 	machine    machineUse
 	others     []procUse
-	fsync      []int64 // the fsync probe: write 4 KiB + fdatasync every 50 ms in the window, ns, sorted
-	boltPut    []int64 // the bbolt probe: one db.Update putting 512 B every 50 ms in the window, ns, sorted
-	bucketMax  []int64 // the largest latency of the reports sent in each 100 ms of the window
+	fsync      []int64  // the fsync probe: write 4 KiB + fdatasync every 50 ms in the window, ns, sorted
+	boltPut    []int64  // the bbolt probe: one db.Update putting 512 B every 50 ms in the window, ns, sorted
+	bucketMax  []int64  // the largest latency of the reports sent in each 100 ms of the window
 	gcs        []string // the target's gctrace lines in the window
-	forks      int64   // processes created on the machine during the window (/proc/stat processes)
-	runnable   float64 // mean of procs_running (/proc/stat) sampled every 100 ms over the window
+	forks      int64    // processes created on the machine during the window (/proc/stat processes)
+	runnable   float64  // mean of procs_running (/proc/stat) sampled every 100 ms over the window
 	loadStart  string
 	loadEnd    string
 	firstErr   string
