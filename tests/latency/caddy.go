@@ -145,6 +145,7 @@ func (u *upstream) close() {
 // Caddy
 
 type caddyTarget struct {
+	label     string
 	dir       string
 	proc      *proc
 	up        *upstream

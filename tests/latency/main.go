@@ -79,6 +79,7 @@ func harnessMain(args []string) int {
 	trace := fs.Bool("trace", false, "take a 3 s execution trace of Caddy in each window (admin /debug/pprof/trace) and print its syscall and scheduler-latency profiles")
 	harnessProfile := fs.Bool("harness-profile", false, "take a CPU profile of the harness itself over each window")
 	quietWait := fs.Duration("quiet-wait", 3*time.Minute, "how long in all to wait for a quiet machine")
+	caddyBins := fs.String("caddy-bin", "", "comma-separated prebuilt Caddy binaries to compare (each measured in turn, labelled caddy, caddy2, …) instead of building ./tests/caddy")
 	keep := fs.Bool("keep", false, "keep the temporary folder (Caddyfiles, logs, stores, profiles)")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -138,7 +139,14 @@ func harnessMain(args []string) int {
 	fmt.Printf("# latency %s\n# started %s, loadavg %s\n", strings.Join(args, " "), time.Now().UTC().Format(time.RFC3339), loadavg())
 	printMachine()
 	var caddyBin string
-	if strings.Contains(*targets, "caddy") {
+	var extra []string // more Caddy binaries, from -caddy-bin
+	if *caddyBins != "" {
+		bins := strings.Split(*caddyBins, ",")
+		caddyBin, extra = bins[0], bins[1:]
+		for i, b := range bins {
+			fmt.Printf("# caddy binary %d: %s\n", i+1, b)
+		}
+	} else if strings.Contains(*targets, "caddy") {
 		start := time.Now()
 		if caddyBin, err = buildCaddy(root, filepath.Join(dir, "bin")); err != nil {
 			fmt.Fprintln(os.Stderr, "latency:", err)
@@ -151,15 +159,29 @@ func harnessMain(args []string) int {
 	var all []*result
 	for r := 1; r <= *rounds; r++ {
 		for _, sh := range shs {
-			for _, tname := range tgs {
+			var names []string
+			for _, t := range tgs {
+				names = append(names, t)
+				if t == "caddy" {
+					for i := range extra {
+						names = append(names, fmt.Sprintf("caddy%d", i+2))
+					}
+				}
+			}
+			for _, tname := range names {
 				quietLeft = waitQuiet(quietLeft)
 				o := runOpts{warmup: *warmup, window: *window, streamsPerConn: *streams,
 					ours: map[int]string{os.Getpid(): "harness", os.Getppid(): "go run"}, probeDir: dir}
 				label := fmt.Sprintf("%s-%s-r%d", tname, sh, r)
-				if *profile && tname == "caddy" {
+				bin := caddyBin
+				if n, ok := strings.CutPrefix(tname, "caddy"); ok && n != "" {
+					i, _ := strconv.Atoi(n)
+					bin = extra[i-2]
+				}
+				if *profile && strings.HasPrefix(tname, "caddy") {
 					o.profilePath = filepath.Join(dir, label+".pprof")
 				}
-				if *trace && tname == "caddy" {
+				if *trace && strings.HasPrefix(tname, "caddy") {
 					o.tracePath = filepath.Join(dir, label+".trace")
 				}
 				if *harnessProfile {
@@ -167,7 +189,7 @@ func harnessMain(args []string) int {
 				}
 				fmt.Printf("\n## %s: %d jobs x %d watchers x %s reports/s (%s reports/s, %s deliveries/s offered), round %d\n",
 					tname, sh.jobs, sh.watchers, fmtF(sh.rate), commas(int64(sh.reportsPerSec())), commas(int64(sh.deliveriesPerSec())), r)
-				res, err := runOne(tname, caddyBin, self, dir, sh, o)
+				res, err := runOne(tname, bin, self, dir, sh, o)
 				if err != nil {
 					fmt.Printf("# FAILED: %v\n", err)
 					continue
@@ -176,11 +198,11 @@ func harnessMain(args []string) int {
 				all = append(all, res)
 				for _, p := range []string{o.profilePath, o.harnessProfile} {
 					if p != "" {
-						printProfile(root, caddyBin, self, p)
+						printProfile(root, bin, self, p)
 					}
 				}
 				if o.tracePath != "" {
-					printTrace(root, caddyBin, o.tracePath)
+					printTrace(root, bin, o.tracePath)
 				}
 			}
 		}
@@ -193,8 +215,8 @@ func harnessMain(args []string) int {
 // runOne starts the target afresh, measures, and stops it.
 func runOne(tname, caddyBin, self, dir string, sh shape, o runOpts) (*result, error) {
 	ctx := context.Background()
-	switch tname {
-	case "caddy":
+	switch {
+	case strings.HasPrefix(tname, "caddy"):
 		up, err := startUpstream()
 		if err != nil {
 			return nil, err
@@ -204,8 +226,12 @@ func runOne(tname, caddyBin, self, dir string, sh shape, o runOpts) (*result, er
 			up.close()
 			return nil, err
 		}
+		c.label = tname
 		o.ours[c.pid()] = "caddy"
 		res, err := measure(ctx, c, sh, o)
+		if res != nil {
+			res.target = tname
+		}
 		up.close() // the jobs end
 		c.close()
 		if lines := c.errorLines(); len(lines) > 0 {
