@@ -40,6 +40,20 @@
 // every other process. Before each measurement the harness waits, within -quiet-wait in all,
 // for a machine where other processes use less than 25% of a CPU.
 //
+// Beside each measurement two probes run on the same disk: a 4 KiB write + fdatasync, and one
+// raw bbolt db.Update (the store's durable floor), each every 50 ms. Caddy runs with
+// GODEBUG=gctrace=1, and the harness reports its GC cycles in the window, and whether slow
+// deliveries cluster in time (the largest latency per 100 ms of send time).
+//
+// Diagnostics: -profile takes a CPU profile of Caddy over the window (admin
+// /debug/pprof/profile); -trace a 3 s execution trace (admin /debug/pprof/trace), of which it
+// prints where goroutines waited (syscalls such as fdatasync, scheduler latency, sync, net);
+// -harness-profile profiles the harness itself; -caddy-bin compares prebuilt Caddy builds
+// (A/B of a change to the engine or store) in one run.
+//
+// The smoke tests (go test ./tests/latency) run the same code on a small shape against the
+// hub and against Caddy (skipped with -short); the heavy shapes run only from this command.
+//
 // Figures are truncated, never rounded up.
 package main
 
