@@ -7,6 +7,7 @@
 #   ./xcaddy.sh test    formatting, go vet, staticcheck, go test -race over the whole module
 #   ./xcaddy.sh fuzz    run every fuzz target for FUZZTIME each (default 30s)
 #   ./xcaddy.sh bench   Caddy with the plugin against plain reverse_proxy; writes BENCHMARKS.md
+#   ./xcaddy.sh bench-latency  callback-to-subscriber latency (issue #4); prints, writes nothing
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -64,6 +65,11 @@ verb_build() {
 verb_bench() {
 	say "go run ./tests/bench -write (about 10 minutes; see tests/bench/main.go)"
 	go run ./tests/bench -write
+}
+
+verb_bench_latency() {
+	say "go run ./tests/latency $* (several minutes; see tests/latency/main.go)"
+	go run ./tests/latency "$@"
 }
 
 # verb_demo runs the demo: the demo app (examples/demoapp) and ./caddy with examples/Caddyfile,
@@ -174,8 +180,9 @@ case "${1:-}" in
 	build) verb_build ;;
 	demo) verb_demo ;;
 	bench) verb_bench ;;
+	bench-latency) shift; verb_bench_latency "$@" ;;
 	*)
-		echo "usage: $0 build | demo | test | fuzz | bench" >&2
+		echo "usage: $0 build | demo | test | fuzz | bench | bench-latency [flags]" >&2
 		exit 2
 		;;
 esac
