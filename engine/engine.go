@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"sync"
 	"time"
@@ -164,7 +165,7 @@ func (e *Engine) run(ctx context.Context, j *job) {
 	started := time.Now()
 	routeKey := routeKey(j.request.Method, j.route.Name)
 	stopEstimates := e.followEstimates(ctx, j.id, routeKey, started, j.route.EstimateInterval)
-	upErr := j.upstream(j.capture, j.request)
+	upErr := e.callUpstream(j)
 	ranFor := time.Since(started)
 	stopEstimates()
 	c := j.capture
@@ -173,6 +174,25 @@ func (e *Engine) run(ctx context.Context, j *job) {
 	if succeeded {
 		e.recordRunTime(routeKey, ranFor, time.Now())
 	}
+}
+
+// callUpstream runs a job's upstream handler. A handler aborts a response it cannot finish by
+// panicking with http.ErrAbortHandler (reverse_proxy does when the upstream breaks off mid-body
+// or a write to the job's result fails: the disk is full, the result over its limit). net/http
+// recovers that on its own goroutines; a job runs on the engine's, where it would end the
+// process. Any other panic is recovered the same way net/http would, and logged.
+func (e *Engine) callUpstream(j *job) (err error) {
+	defer func() {
+		v := recover()
+		if v == nil {
+			return
+		}
+		if perr, ok := v.(error); !ok || !errors.Is(perr, http.ErrAbortHandler) {
+			e.Log.Error("panic in a job's upstream handler", zap.String("job", j.id), zap.Any("panic", v), zap.Stack("stack"))
+		}
+		err = fmt.Errorf("the response was aborted: %v", v)
+	}()
+	return j.upstream(j.capture, j.request)
 }
 
 // end records how a job ended, from the upstream's answer or failure and the job's context.
