@@ -3,7 +3,9 @@ package engine
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
+	"strconv"
 	"sync"
 	"time"
 
@@ -39,6 +41,7 @@ type Engine struct {
 	mu      sync.Mutex
 	running map[string]context.CancelCauseFunc
 	closed  bool
+	closing chan struct{} // closed by Close: ends the retries of finish
 	jobs    sync.WaitGroup
 }
 
@@ -54,7 +57,7 @@ func New(st store.Store, log *zap.Logger, statusOf StatusOf, secret []byte) *Eng
 	if len(secret) == 0 {
 		secret = st.Secret()
 	}
-	return &Engine{Store: st, Log: log, StatusOf: statusOf, signer: upstreamhook.NewSigner(secret), running: make(map[string]context.CancelCauseFunc)}
+	return &Engine{Store: st, Log: log, StatusOf: statusOf, signer: upstreamhook.NewSigner(secret), running: make(map[string]context.CancelCauseFunc), closing: make(chan struct{})}
 }
 
 // Token is the upstream's secret for reporting progress on job id (DESIGN.md section 4): an
@@ -85,6 +88,9 @@ func (e *Engine) Cancel(ctx context.Context, id string) (*store.Job, error) {
 // Close aborts the jobs still running and waits for them to record how they ended.
 func (e *Engine) Close() {
 	e.mu.Lock()
+	if !e.closed {
+		close(e.closing)
+	}
 	e.closed = true
 	for _, cancel := range e.running {
 		cancel(errShutdown)
@@ -155,8 +161,14 @@ func (e *Engine) run(ctx context.Context, j *job) {
 			doc.State = store.Running
 			return nil
 		}); err != nil {
-			// Canceled while queued (ErrFinished), or deleted: nothing to run.
 			j.capture.result.Discard()
+			if errors.Is(err, store.ErrFinished) || errors.Is(err, store.ErrNotFound) {
+				return // canceled while queued, or deleted: nothing to run
+			}
+			// The store could not record the start (the disk is full): the job must not
+			// stay queued for ever, nor run without its record saying so.
+			e.finish(rec, j.id, store.Outcome{State: store.Failed, Error: &store.JobError{
+				Code: CodeStoreUnavailable, Message: "the job store could not record the start of the job: " + err.Error()}})
 			return
 		}
 	}
@@ -164,7 +176,7 @@ func (e *Engine) run(ctx context.Context, j *job) {
 	started := time.Now()
 	routeKey := routeKey(j.request.Method, j.route.Name)
 	stopEstimates := e.followEstimates(ctx, j.id, routeKey, started, j.route.EstimateInterval)
-	upErr := j.upstream(j.capture, j.request)
+	upErr := e.callUpstream(j)
 	ranFor := time.Since(started)
 	stopEstimates()
 	c := j.capture
@@ -173,6 +185,25 @@ func (e *Engine) run(ctx context.Context, j *job) {
 	if succeeded {
 		e.recordRunTime(routeKey, ranFor, time.Now())
 	}
+}
+
+// callUpstream runs a job's upstream handler. A handler aborts a response it cannot finish by
+// panicking with http.ErrAbortHandler (reverse_proxy does when the upstream breaks off mid-body
+// or a write to the job's result fails: the disk is full, the result over its limit). net/http
+// recovers that on its own goroutines; a job runs on the engine's, where it would end the
+// process. Any other panic is recovered the same way net/http would, and logged.
+func (e *Engine) callUpstream(j *job) (err error) {
+	defer func() {
+		v := recover()
+		if v == nil {
+			return
+		}
+		if perr, ok := v.(error); !ok || !errors.Is(perr, http.ErrAbortHandler) {
+			e.Log.Error("panic in a job's upstream handler", zap.String("job", j.id), zap.Any("panic", v), zap.Stack("stack"))
+		}
+		err = fmt.Errorf("the response was aborted: %v", v)
+	}()
+	return j.upstream(j.capture, j.request)
 }
 
 // end records how a job ended, from the upstream's answer or failure and the job's context.
@@ -191,7 +222,7 @@ func (e *Engine) end(rec, ctx context.Context, j *job, upErr error) {
 	case c.resultErr != nil && errors.Is(c.resultErr, store.ErrTooLarge):
 		out.Error = &store.JobError{Code: store.CodeResultTooLarge, Message: c.resultErr.Error()}
 	case c.resultErr != nil:
-		out.Error = &store.JobError{Code: "result_unstorable", Message: "the upstream's response could not be stored: " + c.resultErr.Error()}
+		out.Error = &store.JobError{Code: CodeResultUnstorable, Message: "the upstream's response could not be stored: " + c.resultErr.Error()}
 	case upErr != nil && c.wroteHeader:
 		out.Error = &store.JobError{Code: "upstream_incomplete", Message: "the upstream's response broke off: " + upErr.Error()}
 	case upErr != nil:
@@ -210,8 +241,56 @@ func (e *Engine) end(rec, ctx context.Context, j *job, upErr error) {
 	if out.Body == nil {
 		c.result.Discard()
 	}
-	if _, err := e.Store.Finish(rec, j.id, out); err != nil && !errors.Is(err, store.ErrFinished) && !errors.Is(err, store.ErrNotFound) {
-		e.Log.Error("recording the end of a job", zap.String("job", j.id), zap.Error(err))
+	e.finish(rec, j.id, out)
+}
+
+// Error codes of jobs the store could not keep up with.
+const (
+	// CodeResultUnstorable: the upstream answered, but its response could not be stored.
+	CodeResultUnstorable = "result_unstorable"
+	// CodeStoreUnavailable: the store could not record the start of the job.
+	CodeStoreUnavailable = "store_unavailable"
+)
+
+// Pauses between attempts to record a job's end that the store refused.
+const (
+	finishRetryFirst = 100 * time.Millisecond
+	finishRetryMax   = 2 * time.Second
+)
+
+// finish records a job's end. A store that cannot write (a full disk) must not leave the job
+// running for ever, its subscribers waiting for a done that never comes: the end is tried
+// again, with growing pauses, until the store takes it, the job is gone, or the engine closes
+// (the next start then ends the job as interrupted). A refused Finish has let go of the
+// result body, so a job that had a response ends failed with result_unstorable instead.
+func (e *Engine) finish(rec context.Context, id string, out store.Outcome) {
+	pause := finishRetryFirst
+	for attempt := 1; ; attempt++ {
+		_, err := e.Store.Finish(rec, id, out)
+		if err == nil || errors.Is(err, store.ErrFinished) || errors.Is(err, store.ErrNotFound) {
+			if attempt > 1 && err == nil {
+				e.Log.Info("recorded the end of a job after the store refused it", zap.String("job", id), zap.Int("attempts", attempt))
+			}
+			return
+		}
+		if attempt == 1 {
+			e.Log.Error("recording the end of a job; trying again until the store takes it", zap.String("job", id), zap.Error(err))
+		}
+		if errors.Is(err, store.ErrClosed) || (attempt > 1 && (errors.Is(err, store.ErrInvalid) || errors.Is(err, store.ErrTooLarge))) {
+			return // closed: the next start ends it as interrupted; invalid: no retry helps
+		}
+		if out.Response != nil {
+			out = store.Outcome{State: store.Failed, Error: &store.JobError{Code: CodeResultUnstorable,
+				Message: "the upstream answered " + strconv.Itoa(out.Response.Status) + ", but its response could not be stored: " + err.Error()}}
+		}
+		timer := time.NewTimer(pause)
+		select {
+		case <-timer.C:
+		case <-e.closing:
+			timer.Stop()
+			return
+		}
+		pause = min(2*pause, finishRetryMax)
 	}
 }
 

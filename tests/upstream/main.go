@@ -11,6 +11,7 @@
 //	               apart, the way any language would (a plain JSON POST with the bearer token),
 //	               then answers 200 with the callback's answers and the token it used
 //	/seen?id=ID    what happened to the request of job ID (see seenHandler)
+//	/gate?name=G&size=N  waits until POST /open?name=G, then answers 200 with N bytes
 //
 // Every endpoint is also served under one leading path segment (/jobs/slow, /serial/hang, …),
 // so a Caddyfile can route by prefix without rewriting. It listens on -addr and prints the
@@ -62,6 +63,8 @@ func newMux() http.Handler {
 	handle("large", reg.track(largeHandler))
 	handle("echo", reg.track(echoHandler))
 	handle("report", reg.track(reportHandler))
+	handle("gate", reg.track(gates.gateHandler))
+	mux.HandleFunc("/open", gates.openHandler)
 	mux.HandleFunc("/seen", reg.seenHandler)
 	return mux
 }
@@ -330,4 +333,50 @@ func reportHandler(w http.ResponseWriter, r *http.Request) {
 		"answers": answers, "progress_job_id": r.Header.Get("Progress-Job-Id"),
 		"progress_callback": callback, "progress_token": token,
 	})
+}
+
+// gates hold /gate?name=N requests until POST /open?name=N, so that a test decides the moment
+// a job's upstream answers (say, after it has filled the disk). A gate stays open once opened.
+var gates = &gateSet{m: make(map[string]chan struct{})}
+
+type gateSet struct {
+	mu sync.Mutex
+	m  map[string]chan struct{}
+}
+
+func (g *gateSet) get(name string) chan struct{} {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	ch := g.m[name]
+	if ch == nil {
+		ch = make(chan struct{})
+		g.m[name] = ch
+	}
+	return ch
+}
+
+// gateHandler waits for its gate, then answers 200 with size bytes (default 2) of 'g'.
+func (g *gateSet) gateHandler(w http.ResponseWriter, r *http.Request) {
+	size, _ := strconv.Atoi(r.URL.Query().Get("size"))
+	size = min(max(size, 2), 64<<20)
+	select {
+	case <-g.get(r.URL.Query().Get("name")):
+	case <-r.Context().Done():
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Length", strconv.Itoa(size))
+	w.Write(bytes.Repeat([]byte{'g'}, size))
+}
+
+func (g *gateSet) openHandler(w http.ResponseWriter, r *http.Request) {
+	ch := g.get(r.URL.Query().Get("name"))
+	g.mu.Lock()
+	select {
+	case <-ch:
+	default:
+		close(ch)
+	}
+	g.mu.Unlock()
+	w.WriteHeader(http.StatusNoContent)
 }
