@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -50,7 +51,7 @@ func startSecureCaddy(t *testing.T) *secureCaddy {
 	if err := os.WriteFile(c.configPath, []byte(s.caddyfile()), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c.start()
+	s.start()
 	t.Cleanup(func() {
 		c.stop()
 		if t.Failed() {
@@ -58,6 +59,55 @@ func startSecureCaddy(t *testing.T) *secureCaddy {
 		}
 	})
 	return s
+}
+
+// start is caddyProc.start with a TLS wait bounded by time alone: caddyProc.waitTLS retries
+// on every new log line, at most 300 times, and the debug log writes lines so fast that the
+// tries run out in half a second, before Caddy has issued its certificate.
+func (s *secureCaddy) start() {
+	c, t := s.caddyProc, s.t
+	t.Helper()
+	for _, d := range []string{"home", "data", "config"} {
+		if err := os.MkdirAll(filepath.Join(c.dir, d), 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.logs = newLogWatcher(filepath.Join(c.dir, "caddy.log"))
+	cmd := exec.Command(caddyBin, "run", "--config", c.configPath, "--adapter", "caddyfile")
+	cmd.Dir = c.dir
+	cmd.Env = c.env()
+	cmd.Stdout = c.logs
+	cmd.Stderr = c.logs
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting caddy: %v", err)
+	}
+	c.cmd, c.exited, c.stopped = cmd, make(chan struct{}), false
+	exited, logs := c.exited, c.logs
+	go func() {
+		cmd.Wait()
+		logs.close()
+		close(exited)
+	}()
+	if _, err := c.logs.waitFor(0, 30*time.Second, exited, `"serving initial configuration"`); err != nil {
+		c.dumpLog()
+		c.stop()
+		t.Fatalf("caddy did not start: %v", err)
+	}
+	// Caddy logs when the certificate is in its cache; try after each such line, or every
+	// 100ms, for at most 30s.
+	rootPath := filepath.Join(c.dir, "storage", "pki", "authorities", "local", "root.crt")
+	deadline := time.Now().Add(30 * time.Second)
+	var lastErr error
+	for time.Now().Before(deadline) {
+		mark := c.logs.count()
+		if lastErr = c.tryTLS(rootPath); lastErr == nil {
+			return
+		}
+		c.logs.waitFor(mark, 100*time.Millisecond, c.exited, "certificate obtained successfully")
+	}
+	c.dumpLog()
+	c.stop()
+	t.Fatalf("caddy's TLS site never became ready: %v", lastErr)
 }
 
 // caddyfile: the client sites serve
@@ -107,6 +157,7 @@ func (s *secureCaddy) caddyfile() string {
 
 (client_routes) {
 	log
+	respond /_jobs/*/progress 404 # callbacks only on the internal listener, as in Caddyfile.example
 	progress_api
 	progress /owned/* {
 		owner {http.request.header.Authorization}

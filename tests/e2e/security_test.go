@@ -7,12 +7,14 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -363,7 +365,8 @@ func TestSecuritySSEFieldInjection(t *testing.T) {
 // expression), Cookie and Proxy-Authorization, with bodies small and large enough to spool and
 // results small and large enough for the results folder, lets them finish, stops Caddy, then
 // looks for each secret value, and for its unkeyed SHA-256, in every file Caddy wrote: the
-// store file, its results folder, the temporary folder it spools to, its data and config
+// store file, its results folder, the temporary folder it spools to (spool files are unlinked
+// as soon as they are made, so only a leftover would show there), its data and config
 // folders. None may hold one. The access and debug logs are checked the same way (Caddy
 // redacts these three headers in its logs).
 func TestSecurityNoClientSecretOnDisk(t *testing.T) {
@@ -440,4 +443,81 @@ func TestSecurityNoClientSecretOnDisk(t *testing.T) {
 	}
 	t.Logf("%d jobs with Authorization, Cookie and Proxy-Authorization; looked in %d files (store, %d result files, spool folder, Caddy's data, config and logs)",
 		len(ids), len(files), len(results))
+}
+
+// TestSecurityCallbackOffThePublicListener: with Caddyfile.example's two lines (respond 404 for
+// the callback path on the public site, bind 127.0.0.1 on the callback site), a report with a
+// job's valid token is refused on the public site over HTTP/1.1, HTTP/2 and HTTP/3 and changes
+// nothing, while the same report to the callback listener is taken; and the kernel's socket
+// table shows the callback listener bound to 127.0.0.1 alone, not to every interface.
+func TestSecurityCallbackOffThePublicListener(t *testing.T) {
+	s := startSecureCaddy(t)
+	signer := upstreamhook.NewSigner([]byte(testCallbackSecret))
+	h2 := s.newClient(t, "h2")
+	job, _ := h2.startJob(t, http.MethodGet, "/jobs/hang", nil)
+	auth := []string{"Authorization", "Bearer " + signer.Token(job.ID), "Content-Type", "application/json"}
+	path := "/_jobs/" + job.ID + "/progress"
+	for _, proto := range protocols {
+		cl := s.newClient(t, proto)
+		r := cl.do(t, http.MethodPost, path, []byte(`{"percent": 13}`), auth...)
+		if r.StatusCode != http.StatusNotFound {
+			t.Errorf("%s: a callback on the public site got %d, want 404\n%s", proto, r.StatusCode, r.body)
+		}
+	}
+	if d := h2.job(t, job.ID); d.Progress != nil {
+		t.Errorf("a report refused on the public site changed the job: %+v", d.Progress)
+	}
+	internal := &client{proto: "h1", major: 1, base: "http://127.0.0.1:" + strconv.Itoa(s.callbackPort), hc: &http.Client{}}
+	r := internal.do(t, http.MethodPost, path, []byte(`{"percent": 42}`), auth...)
+	wantStatus(t, r, http.StatusNoContent)
+	if d := h2.job(t, job.ID); d.Progress == nil || d.Progress.Percent == nil || *d.Progress.Percent != 42 {
+		t.Errorf("the report on the callback listener did not land: %+v", d.Progress)
+	}
+	h2.do(t, http.MethodPost, "/_jobs/"+job.ID+"/cancel", nil)
+
+	addrs := listenAddrs(t, s.callbackPort)
+	if len(addrs) == 0 {
+		t.Fatalf("no listening socket on port %d in /proc/net/tcp{,6}", s.callbackPort)
+	}
+	for _, a := range addrs {
+		if a != "127.0.0.1" {
+			t.Errorf("the callback listener (port %d) is bound to %s; want 127.0.0.1 only", s.callbackPort, a)
+		}
+	}
+}
+
+// listenAddrs reads the kernel's TCP socket tables for listening sockets on port and returns
+// their local addresses. Linux only; elsewhere the test skips.
+func listenAddrs(t *testing.T, port int) []string {
+	t.Helper()
+	var addrs []string
+	for _, table := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, err := os.ReadFile(table)
+		if os.IsNotExist(err) && table == "/proc/net/tcp" {
+			t.Skip("no /proc/net/tcp: cannot see which address a listener is bound to")
+		}
+		if err != nil {
+			continue
+		}
+		for line := range strings.Lines(string(b)) {
+			f := strings.Fields(line)
+			if len(f) < 4 || f[3] != "0A" { // 0A: LISTEN
+				continue
+			}
+			host, p, ok := strings.Cut(f[1], ":")
+			if n, err := strconv.ParseUint(p, 16, 16); !ok || err != nil || int(n) != port {
+				continue
+			}
+			raw, err := hex.DecodeString(host)
+			if err != nil {
+				t.Fatalf("%s: %q", table, line)
+			}
+			// The kernel prints each 32-bit word in host byte order (little-endian here).
+			for i := 0; i+4 <= len(raw); i += 4 {
+				raw[i], raw[i+1], raw[i+2], raw[i+3] = raw[i+3], raw[i+2], raw[i+1], raw[i]
+			}
+			addrs = append(addrs, net.IP(raw).String())
+		}
+	}
+	return addrs
 }
