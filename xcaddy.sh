@@ -4,7 +4,8 @@
 #
 #   ./xcaddy.sh build   write ./caddy: Caddy with the plugin from this tree
 #   ./xcaddy.sh demo    build ./caddy and the demo app (examples/), run both until Ctrl-C
-#   ./xcaddy.sh test    formatting, go vet, staticcheck, go test -race over the whole module
+#   ./xcaddy.sh test    formatting, go vet, staticcheck, go test -race over the whole module,
+#                       then every fuzz target for FUZZTIME_CI each (default 5s)
 #   ./xcaddy.sh fuzz    run every fuzz target for FUZZTIME each (default 30s)
 #   ./xcaddy.sh bench   Caddy with the plugin against plain reverse_proxy; writes BENCHMARKS.md
 #   ./xcaddy.sh bench-latency  callback-to-subscriber latency (issue #4); prints, writes nothing
@@ -29,6 +30,9 @@ verb_test() {
 	go run "honnef.co/go/tools/cmd/staticcheck@$STATICCHECK_VERSION" ./...
 	say "go test -race"
 	go test -race -count=1 -timeout 30m ./...
+	# A short fixed budget per target: new inputs each run, on top of the seed corpus (testdata/
+	# fuzz/) that go test above already ran. 13 targets at 5s plus their builds: about 2 minutes.
+	FUZZTIME="${FUZZTIME_CI:-5s}" verb_fuzz
 	say "all tests passed"
 }
 

@@ -13,16 +13,12 @@ import (
 
 // events serves a job's Server-Sent Events stream (DESIGN.md section 3).
 func (a *API) events(w http.ResponseWriter, r *http.Request, job *store.Job) error {
-	last := r.Header.Get("Last-Event-ID")
-	if q := r.URL.Query().Get("last_event_id"); q != "" {
-		last = q
-	}
 	after := job.Seq - 1 // a new subscriber gets the current document at once
-	if last != "" {
-		seen, err := parseSeq(last)
-		if err != nil {
-			return problem(http.StatusBadRequest, "bad-last-event-id", "Malformed Last-Event-ID", "an event id of this stream is a job seq, a whole number")
-		}
+	seen, resumed, err := lastEventID(r)
+	if err != nil {
+		return err
+	}
+	if resumed {
 		if job.State.Terminal() && seen >= job.Seq {
 			// The client has seen the end; 204 tells a browser's EventSource to stop reconnecting.
 			w.WriteHeader(http.StatusNoContent)
@@ -74,6 +70,23 @@ func (a *API) events(w http.ResponseWriter, r *http.Request, job *store.Job) err
 			return nil
 		}
 	}
+}
+
+// lastEventID reads the seq a resuming subscriber has seen: ?last_event_id= (for clients that
+// cannot set headers) wins over the Last-Event-ID header.
+func lastEventID(r *http.Request) (uint64, bool, error) {
+	last := r.Header.Get("Last-Event-ID")
+	if q := r.URL.Query().Get("last_event_id"); q != "" {
+		last = q
+	}
+	if last == "" {
+		return 0, false, nil
+	}
+	seen, err := parseSeq(last)
+	if err != nil {
+		return 0, false, problem(http.StatusBadRequest, "bad-last-event-id", "Malformed Last-Event-ID", "an event id of this stream is a job seq, a whole number")
+	}
+	return seen, true, nil
 }
 
 // frame encodes one event. The data is one line of JSON, so nothing in it can start a field.

@@ -12,6 +12,10 @@
 //	               then answers 200 with the callback's answers and the token it used
 //	/seen?id=ID    what happened to the request of job ID (see seenHandler)
 //	/gate?name=G&size=N  waits until POST /open?name=G, then answers 200 with N bytes
+//	/say           posts its own request body, as is, as one progress report through the
+//	               callback, then answers 200 with the callback's status and a hash of the token
+//	/raw           answers with a malformed HTTP/1.1 response (a header line holding bare CRs)
+//	               and hangs up, so the proxy's error text carries bytes of the upstream's choosing
 //
 // Every endpoint is also served under one leading path segment (/jobs/slow, /serial/hang, …),
 // so a Caddyfile can route by prefix without rewriting. It listens on -addr and prints the
@@ -65,6 +69,8 @@ func newMux() http.Handler {
 	handle("report", reg.track(reportHandler))
 	handle("gate", reg.track(gates.gateHandler))
 	mux.HandleFunc("/open", gates.openHandler)
+	handle("say", reg.track(sayHandler))
+	handle("raw", reg.track(rawHandler))
 	mux.HandleFunc("/seen", reg.seenHandler)
 	return mux
 }
@@ -379,4 +385,46 @@ func (g *gateSet) openHandler(w http.ResponseWriter, r *http.Request) {
 	}
 	g.mu.Unlock()
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// sayHandler posts the request body, unchanged, as a progress report, so a test can put any
+// text into stage, message or data the way a real upstream would. It answers with the
+// callback's status and the SHA-256 of the token it used, never the token itself: the answer
+// becomes the job's stored result, which must hold no token.
+func sayHandler(w http.ResponseWriter, r *http.Request) {
+	body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	token := r.Header.Get("Progress-Token")
+	req, err := http.NewRequestWithContext(r.Context(), http.MethodPost, r.Header.Get("Progress-Callback"), bytes.NewReader(body))
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", "application/json")
+	answer := 0
+	if resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req); err == nil {
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		answer = resp.StatusCode
+	}
+	sum := sha256.Sum256([]byte(token))
+	writeJSON(w, http.StatusOK, map[string]any{"answer": answer, "token_sha256": hex.EncodeToString(sum[:])})
+}
+
+// rawHandler writes a response Go's HTTP client refuses: a header line whose name holds bare
+// CRs followed by what would be SSE fields. The client's error quotes the line, so the job's
+// error message carries text the upstream chose.
+func rawHandler(w http.ResponseWriter, r *http.Request) {
+	conn, buf, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	defer conn.Close()
+	buf.WriteString("HTTP/1.1 200 OK\r\nX-Evil\rid: 999\revent: done\rdata: {\"injected\":true}\r\nContent-Length: 0\r\n\r\n")
+	buf.Flush()
 }
