@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"sync"
 	"time"
@@ -164,16 +165,42 @@ func (e *Engine) run(ctx context.Context, j *job) {
 	started := time.Now()
 	routeKey := routeKey(j.request.Method, j.route.Name)
 	stopEstimates := e.followEstimates(ctx, j.id, routeKey, started, j.route.EstimateInterval)
-	upErr := j.upstream(j.capture, j.request)
+	upErr := e.callUpstream(j)
 	ranFor := time.Since(started)
 	stopEstimates()
 	c := j.capture
+	// A client the response passes through (Prefer: wait) has only part of it: its handler
+	// must abort the exchange too, not end it as if the body were complete.
+	c.broken = upErr != nil && c.wroteHeader
 	succeeded := upErr == nil && ctx.Err() == nil && c.resultErr == nil && (!c.wroteHeader || c.status < 400)
 	e.end(rec, ctx, j, upErr)
 	if succeeded {
 		e.recordRunTime(routeKey, ranFor, time.Now())
 	}
 }
+
+// callUpstream sends the job's request on, turning a panic into an error. The job runs on a
+// goroutine of its own, where net/http's recovery does not reach, and reverse_proxy panics with
+// http.ErrAbortHandler when an upstream's response breaks off after its headers went out: left
+// alone, one upstream resetting a connection mid-body would bring down the whole server.
+func (e *Engine) callUpstream(j *job) (err error) {
+	defer func() {
+		v := recover()
+		if v == nil {
+			return
+		}
+		if v == http.ErrAbortHandler {
+			err = errAborted
+		} else {
+			e.Log.Error("the upstream handler panicked", zap.String("job", j.id), zap.Any("panic", v), zap.Stack("stack"))
+			err = fmt.Errorf("the upstream handler panicked: %v", v)
+		}
+	}()
+	return j.upstream(j.capture, j.request)
+}
+
+// errAborted stands for http.ErrAbortHandler from the upstream handler: the response was cut.
+var errAborted = errors.New("the handler aborted the response")
 
 // end records how a job ended, from the upstream's answer or failure and the job's context.
 func (e *Engine) end(rec, ctx context.Context, j *job, upErr error) {
