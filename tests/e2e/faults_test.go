@@ -135,7 +135,7 @@ func TestUpstreamFaults(t *testing.T) {
 			}
 		}
 	})
-	c.checkNoLeaks(t, "upstream faults", goroutines, fds)
+	c.checkNoLeaks(t, "upstream faults", goroutines, fds, 10)
 }
 
 // lateAnswer is what the upstream's /poke answers: the sidecar's answer to its report.

@@ -267,7 +267,7 @@ func TestStalledSubscribers(t *testing.T) {
 	stopStalled()
 	h1.hc.CloseIdleConnections()
 	h2.hc.CloseIdleConnections()
-	c.checkNoLeaks(t, "stalled subscribers", goroutines0, fds0)
+	c.checkNoLeaks(t, "stalled subscribers", goroutines0, fds0, 10)
 }
 
 // sentAt reads the phase name and send time a test report put into the message of the job
