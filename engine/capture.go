@@ -31,6 +31,7 @@ type capture struct {
 	clientState atomic.Int32
 	headSent    chan struct{} // closed when the response head went to the client
 	clientGone  bool          // a write to the passthrough client failed
+	broken      bool          // the upstream failed after the head went out; set before done closes
 }
 
 func newCapture(result store.ResultWriter, client http.ResponseWriter) *capture {

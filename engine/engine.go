@@ -180,6 +180,9 @@ func (e *Engine) run(ctx context.Context, j *job) {
 	ranFor := time.Since(started)
 	stopEstimates()
 	c := j.capture
+	// A client the response passes through (Prefer: wait) has only part of it: its handler
+	// must abort the exchange too, not end it as if the body were complete.
+	c.broken = upErr != nil && c.wroteHeader
 	succeeded := upErr == nil && ctx.Err() == nil && c.resultErr == nil && (!c.wroteHeader || c.status < 400)
 	e.end(rec, ctx, j, upErr)
 	if succeeded {
@@ -198,13 +201,18 @@ func (e *Engine) callUpstream(j *job) (err error) {
 		if v == nil {
 			return
 		}
-		if perr, ok := v.(error); !ok || !errors.Is(perr, http.ErrAbortHandler) {
-			e.Log.Error("panic in a job's upstream handler", zap.String("job", j.id), zap.Any("panic", v), zap.Stack("stack"))
+		if v == http.ErrAbortHandler {
+			err = errAborted
+		} else {
+			e.Log.Error("the upstream handler panicked", zap.String("job", j.id), zap.Any("panic", v), zap.Stack("stack"))
+			err = fmt.Errorf("the upstream handler panicked: %v", v)
 		}
-		err = fmt.Errorf("the response was aborted: %v", v)
 	}()
 	return j.upstream(j.capture, j.request)
 }
+
+// errAborted stands for http.ErrAbortHandler from the upstream handler: the response was cut.
+var errAborted = errors.New("the handler aborted the response")
 
 // end records how a job ended, from the upstream's answer or failure and the job's context.
 func (e *Engine) end(rec, ctx context.Context, j *job, upErr error) {

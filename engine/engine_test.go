@@ -455,3 +455,72 @@ func TestQueueFull(t *testing.T) {
 		t.Fatalf("third: %d %v", third.Code, third.Header())
 	}
 }
+
+// waitEnd waits for a job's done event and returns the final document.
+func (f *fixture) waitEnd(t *testing.T, id string) store.Job {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for after := uint64(0); ; {
+		ev, err := f.st.Wait(ctx, id, after)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ev.Done() {
+			var j store.Job
+			if err := json.Unmarshal(ev.Data, &j); err != nil {
+				t.Fatal(err)
+			}
+			return j
+		}
+		after = ev.Seq
+	}
+}
+
+// An upstream handler that panics, as reverse_proxy does with http.ErrAbortHandler when the
+// upstream's body breaks off, fails the job instead of taking the process down: the job's
+// goroutine is not one net/http recovers.
+func TestUpstreamPanicFailsJob(t *testing.T) {
+	f := newFixture(t, Route{})
+	for _, tc := range []struct {
+		name     string
+		upstream Upstream
+		code     string
+	}{
+		{"abort after the head", func(w http.ResponseWriter, r *http.Request) error {
+			w.WriteHeader(http.StatusOK)
+			io.WriteString(w, "part of the body")
+			panic(http.ErrAbortHandler)
+		}, "upstream_incomplete"},
+		{"abort before the head", func(w http.ResponseWriter, r *http.Request) error {
+			panic(http.ErrAbortHandler)
+		}, "upstream_error"},
+		{"a bug", func(w http.ResponseWriter, r *http.Request) error {
+			panic(errors.New("a bug in the handler chain"))
+		}, "upstream_error"},
+	} {
+		id := docOf(t, f.start(t, "respond-async", tc.upstream)).ID
+		j := f.waitEnd(t, id)
+		if j.State != store.Failed || j.Error == nil || j.Error.Code != tc.code || j.Response != nil {
+			t.Errorf("%s: state %s error %+v response %+v, want failed with %s", tc.name, j.State, j.Error, j.Response, tc.code)
+		}
+	}
+}
+
+// A client the response passes through (Prefer: wait) when the upstream breaks off mid-body
+// has its exchange aborted, not ended as if the body were complete.
+func TestWaitPassthroughBrokenOff(t *testing.T) {
+	f := newFixture(t, Route{})
+	var recovered any
+	func() {
+		defer func() { recovered = recover() }()
+		f.start(t, "wait=10", func(w http.ResponseWriter, r *http.Request) error {
+			w.WriteHeader(http.StatusOK)
+			io.WriteString(w, "part of the body")
+			panic(http.ErrAbortHandler)
+		})
+	}()
+	if recovered != http.ErrAbortHandler {
+		t.Fatalf("the client's handler ended with %v, want a panic with http.ErrAbortHandler", recovered)
+	}
+}

@@ -228,6 +228,9 @@ func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, owner Owner, upst
 	select {
 	case <-j.capture.headSent:
 		<-j.done // the response passes through; it is ours to finish
+		if j.capture.broken {
+			panic(http.ErrAbortHandler) // cut the client's exchange: its body is incomplete
+		}
 		return nil
 	case <-timer.C:
 	case <-r.Context().Done():
@@ -235,6 +238,9 @@ func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, owner Owner, upst
 	}
 	if !j.capture.release() {
 		<-j.done
+		if j.capture.broken {
+			panic(http.ErrAbortHandler)
+		}
 		return nil
 	}
 	if r.Context().Err() != nil {

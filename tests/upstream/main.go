@@ -16,6 +16,9 @@
 //	               callback, then answers 200 with the callback's status and a hash of the token
 //	/raw           answers with a malformed HTTP/1.1 response (a header line holding bare CRs)
 //	               and hangs up, so the proxy's error text carries bytes of the upstream's choosing
+//	/reset?size=N&send=M&how=rst|fin|hang|empty  a response that breaks off (see resetHandler)
+//	/late          200 at once, keeping the job's callback URL and token; /poke?id=ID then
+//	               posts a progress report for that job, after the answer (see lateReports)
 //
 // Every endpoint is also served under one leading path segment (/jobs/slow, /serial/hang, …),
 // so a Caddyfile can route by prefix without rewriting. It listens on -addr and prints the
@@ -71,7 +74,11 @@ func newMux() http.Handler {
 	mux.HandleFunc("/open", gates.openHandler)
 	handle("say", reg.track(sayHandler))
 	handle("raw", reg.track(rawHandler))
+	handle("reset", reg.track(resetHandler))
+	late := &lateReports{jobs: make(map[string][2]string)}
+	handle("late", reg.track(late.answer))
 	mux.HandleFunc("/seen", reg.seenHandler)
+	mux.HandleFunc("/poke", late.poke)
 	return mux
 }
 
@@ -427,4 +434,86 @@ func rawHandler(w http.ResponseWriter, r *http.Request) {
 	defer conn.Close()
 	buf.WriteString("HTTP/1.1 200 OK\r\nX-Evil\rid: 999\revent: done\rdata: {\"injected\":true}\r\nContent-Length: 0\r\n\r\n")
 	buf.Flush()
+}
+
+// resetHandler promises size bytes (Content-Length), sends the first send of them and then
+// breaks the response off, as a crashing or overloaded app does:
+//
+//	how=rst    the connection is reset (RST: SO_LINGER 0, then close)
+//	how=fin    the connection is closed early (FIN): the body is cut short
+//	how=hang   the connection stays open and silent until the proxy gives up and closes it
+//	how=empty  the connection is reset before anything was sent
+func resetHandler(w http.ResponseWriter, r *http.Request) {
+	size, _ := strconv.ParseInt(r.URL.Query().Get("size"), 10, 64)
+	send, _ := strconv.ParseInt(r.URL.Query().Get("send"), 10, 64)
+	size = min(max(size, 1), 1<<30)
+	send = min(max(send, 0), size-1)
+	how := r.URL.Query().Get("how")
+	conn, buf, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	defer conn.Close()
+	if how != "empty" {
+		fmt.Fprintf(buf, "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n", size)
+		io.Copy(buf, largeStream(send))
+		buf.Flush()
+	}
+	switch how {
+	case "hang":
+		// Whatever the proxy sends or however it leaves, the read ends when it closes.
+		io.Copy(io.Discard, conn)
+	case "fin":
+	default:
+		if tc, ok := conn.(*net.TCPConn); ok {
+			tc.SetLinger(0)
+		}
+	}
+}
+
+// lateReports remembers the callback URL and token of /late's jobs, so that /poke can report
+// progress for a job after its upstream request has been answered.
+type lateReports struct {
+	mu   sync.Mutex
+	jobs map[string][2]string // job id → callback URL, token
+}
+
+func (l *lateReports) answer(w http.ResponseWriter, r *http.Request) {
+	id := r.Header.Get("Progress-Job-Id")
+	l.mu.Lock()
+	l.jobs[id] = [2]string{r.Header.Get("Progress-Callback"), r.Header.Get("Progress-Token")}
+	l.mu.Unlock()
+	writeJSON(w, http.StatusOK, map[string]any{"progress_job_id": id, "late": true})
+}
+
+// poke posts {"percent": 50} for job id with what /late kept, and answers the callback's
+// status and body as JSON: {"status": 409, "content_type": "…", "body": "…"}.
+func (l *lateReports) poke(w http.ResponseWriter, r *http.Request) {
+	id := r.URL.Query().Get("id")
+	l.mu.Lock()
+	kept, ok := l.jobs[id]
+	l.mu.Unlock()
+	if !ok {
+		http.Error(w, "no /late request seen for that job", http.StatusNotFound)
+		return
+	}
+	req, err := http.NewRequestWithContext(r.Context(), http.MethodPost, kept[0],
+		bytes.NewReader([]byte(`{"percent": 50, "message": "reported after the answer"}`)))
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	req.Header.Set("Authorization", "Bearer "+kept[1])
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadGateway)
+		return
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	writeJSON(w, http.StatusOK, map[string]any{
+		"status": resp.StatusCode, "content_type": resp.Header.Get("Content-Type"), "body": string(body),
+	})
 }
