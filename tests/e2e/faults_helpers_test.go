@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -87,20 +86,10 @@ func (c *caddyProc) reloadConfig(config string, bound time.Duration) (time.Durat
 
 func (c *caddyProc) pid() int { return c.cmd.Process.Pid }
 
-// goroutineCount is the number of goroutines in Caddy, from the header of its goroutine
-// profile ("goroutine profile: total N"); -1 if the admin endpoint does not answer.
+// goroutineCount is the number of goroutines in Caddy; -1 if the admin endpoint does not
+// answer.
 func (c *caddyProc) goroutineCount() int {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+c.admin+"/debug/pprof/goroutine?debug=1", nil)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return -1
-	}
-	defer resp.Body.Close()
-	line, _ := bufio.NewReader(resp.Body).ReadString('\n')
-	io.Copy(io.Discard, resp.Body)
-	n, err := strconv.Atoi(strings.TrimSpace(strings.TrimPrefix(line, "goroutine profile: total")))
+	n, err := c.goroutineTotal()
 	if err != nil {
 		return -1
 	}

@@ -561,16 +561,31 @@ func (c *caddyProc) reload(t *testing.T, o caddyOptions) (time.Duration, error) 
 	return took, nil
 }
 
+// handedOut holds every port freePort returned, guarded by handedOutMu.
+var (
+	handedOutMu sync.Mutex
+	handedOut   = make(map[int]bool)
+)
+
 // freePort finds a loopback port nothing listens on by listening on port 0 and closing; with
-// udp, the same number must also be free over UDP (for HTTP/3).
+// udp, the same number must also be free over UDP (for HTTP/3). It never returns a port twice:
+// once closed, a port can come back from the next listen on port 0, and two of a Caddy's
+// listeners on one port (the admin endpoint and a site, say) both bind, with SO_REUSEPORT, and
+// split the connections between them.
 func freePort(t *testing.T, udp bool) int {
 	t.Helper()
+	handedOutMu.Lock()
+	defer handedOutMu.Unlock()
 	for range 50 {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
 		}
 		port := ln.Addr().(*net.TCPAddr).Port
+		if handedOut[port] {
+			ln.Close()
+			continue
+		}
 		if udp {
 			pc, err := net.ListenPacket("udp", "127.0.0.1:"+strconv.Itoa(port))
 			if err != nil {
@@ -580,6 +595,7 @@ func freePort(t *testing.T, udp bool) int {
 			pc.Close()
 		}
 		ln.Close()
+		handedOut[port] = true
 		return port
 	}
 	t.Fatal("no free port found in 50 tries")

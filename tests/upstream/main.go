@@ -11,6 +11,7 @@
 //	               apart, the way any language would (a plain JSON POST with the bearer token),
 //	               then answers 200 with the callback's answers and the token it used
 //	/seen?id=ID    what happened to the request of job ID (see seenHandler)
+//	/acked         per job id, the highest /report step the sidecar acknowledged with 204
 //	/gate?name=G&size=N  waits until POST /open?name=G, then answers 200 with N bytes
 //	/say           posts its own request body, as is, as one progress report through the
 //	               callback, then answers 200 with the callback's status and a hash of the token
@@ -58,7 +59,7 @@ func main() {
 }
 
 func newMux() http.Handler {
-	reg := &registry{jobs: make(map[string]*record)}
+	reg := &registry{jobs: make(map[string]*record), acked: make(map[string]int)}
 	mux := http.NewServeMux()
 	handle := func(name string, h http.HandlerFunc) {
 		mux.HandleFunc("/"+name, h)
@@ -69,7 +70,7 @@ func newMux() http.Handler {
 	handle("hang", reg.track(hangHandler))
 	handle("large", reg.track(largeHandler))
 	handle("echo", reg.track(echoHandler))
-	handle("report", reg.track(reportHandler))
+	handle("report", reg.track(reg.reportHandler))
 	handle("gate", reg.track(gates.gateHandler))
 	mux.HandleFunc("/open", gates.openHandler)
 	handle("say", reg.track(sayHandler))
@@ -78,6 +79,7 @@ func newMux() http.Handler {
 	late := &lateReports{jobs: make(map[string][2]string)}
 	handle("late", reg.track(late.answer))
 	mux.HandleFunc("/seen", reg.seenHandler)
+	mux.HandleFunc("/acked", reg.ackedHandler)
 	mux.HandleFunc("/poke", late.poke)
 	return mux
 }
@@ -93,8 +95,9 @@ type record struct {
 }
 
 type registry struct {
-	mu   sync.Mutex
-	jobs map[string]*record
+	mu    sync.Mutex
+	jobs  map[string]*record
+	acked map[string]int // job id → highest report step answered 204
 }
 
 func (g *registry) get(id string) *record {
@@ -302,9 +305,22 @@ func echoHandler(w http.ResponseWriter, r *http.Request) {
 	w.Write(body)
 }
 
+// ackedHandler answers, as a JSON object, the highest /report step the sidecar acknowledged
+// with 204 for every job that had one: {"<job id>": 3, …}. A crash test reads it after killing
+// the sidecar to know which reports it must find again once the sidecar restarts.
+func (g *registry) ackedHandler(w http.ResponseWriter, r *http.Request) {
+	g.mu.Lock()
+	out := make(map[string]int, len(g.acked))
+	for id, n := range g.acked {
+		out[id] = n
+	}
+	g.mu.Unlock()
+	writeJSON(w, http.StatusOK, out)
+}
+
 // reportHandler posts progress reports to the sidecar (DESIGN.md section 4) and answers with
-// what the sidecar said to each.
-func reportHandler(w http.ResponseWriter, r *http.Request) {
+// what the sidecar said to each. Report i carries current i; each 204 is recorded for /acked.
+func (g *registry) reportHandler(w http.ResponseWriter, r *http.Request) {
 	steps, _ := strconv.Atoi(r.URL.Query().Get("steps"))
 	steps = min(max(steps, 1), 1000)
 	ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
@@ -341,6 +357,11 @@ func reportHandler(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
 		answers = append(answers, resp.StatusCode)
+		if id := r.Header.Get("Progress-Job-Id"); resp.StatusCode == http.StatusNoContent && id != "" {
+			g.mu.Lock()
+			g.acked[id] = max(g.acked[id], i)
+			g.mu.Unlock()
+		}
 	}
 	writeJSON(w, http.StatusOK, map[string]any{
 		"answers": answers, "progress_job_id": r.Header.Get("Progress-Job-Id"),
