@@ -44,7 +44,7 @@ import (
 //     the test process ends with no goroutine it started.
 //
 // The first round runs PROGRESS_CRASH_JOBS jobs (1,000) and kills Caddy once all are
-// acknowledged and running; later rounds run PROGRESS_CRASH_ROUND_JOBS (100) each and kill it
+// acknowledged and running; later rounds run PROGRESS_CRASH_ROUND_JOBS (1,000) each and kill it
 // after a random number of 202s, during creation as well as while jobs run and end. Rounds:
 // PROGRESS_CRASH_ROUNDS (50; 5 with -short). Every random choice comes from one seeded PRNG:
 // the seed is logged, and PROGRESS_CRASH_SEED=<seed> replays the same plan (the interleaving
@@ -94,7 +94,7 @@ type crashConfig struct {
 
 func crashConfigFromEnv(t *testing.T) crashConfig {
 	t.Helper()
-	cfg := crashConfig{seed: uint64(time.Now().UnixNano()), rounds: 50, firstJobs: 1000, laterJobs: 100}
+	cfg := crashConfig{seed: uint64(time.Now().UnixNano()), rounds: 50, firstJobs: 1000, laterJobs: 1000}
 	if testing.Short() {
 		cfg.rounds = 5
 	}
