@@ -440,14 +440,6 @@ func (h *harness) gitCmd(args ...string) (string, error) {
 	return string(out), err
 }
 
-func loadavg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "?"
-	}
-	return strings.TrimSpace(string(b))
-}
-
 // ourPids are the processes of this run, by pid: they are not "other" load.
 func (h *harness) ourPids() map[int]string {
 	m := map[int]string{os.Getpid(): "harness", os.Getppid(): "go run"}
@@ -479,7 +471,7 @@ func (h *harness) sampleOthers(d time.Duration) []procUse {
 }
 
 func isQuiet(others []procUse) bool {
-	return (len(others) == 0 || others[0].pct <= quietEachPct) && sumUse(others) < quietTotalPct
+	return (len(others) == 0 || others[0].Pct <= quietEachPct) && sumUse(others) < quietTotalPct
 }
 
 // waitQuiet waits until the machine is quiet (2 s samples, every 30 s). All waits of a run,
@@ -1035,7 +1027,7 @@ func (m *measurement) summary() string {
 		cpu = fmt.Sprintf("caddy %s%%, upstream %s%%, load %s%%, others %s%% (%s); machine busy %s%% (softirq %s%%), idle %s%%, iowait %s%%, steal %s%%",
 			trunc(m.cpu["caddy"], 1), trunc(m.cpu["upstream"], 1), trunc(m.cpu["load"], 1),
 			trunc(sumUse(m.others), 1), describeOthers(m.others, 3),
-			trunc(m.machine.busy, 1), trunc(m.machine.softirq, 1), trunc(m.machine.idle, 1), trunc(m.machine.iowait, 1), trunc(m.machine.steal, 1))
+			trunc(m.machine.Busy, 1), trunc(m.machine.Softirq, 1), trunc(m.machine.Idle, 1), trunc(m.machine.IOWait, 1), trunc(m.machine.Steal, 1))
 	}
 	return fmt.Sprintf("%-24s %dx%d  %s %d/s  p50 %s  p90 %s  p99 %s  p99.9 %s  max %s ms  errors %d  statuses %v  | cpu %s | caddy wrote %s B to storage in the window%s | settle %v, store +%s B",
 		m.name, r.Conns, r.Streams, strconv.Itoa(r.Expect), int64(r.RPS), trunc(r.P50, 3), trunc(r.P90, 3), trunc(r.P99, 3),

@@ -184,7 +184,7 @@ func (h *harness) report() report {
 		for _, m := range all {
 			w("| %s | %s%% | %s%% | %s%% | %s%% (%s) | %s%% (%s%%) | %s%% | %s B%s | %v | %s B |\n", m.name, trunc(m.cpu["caddy"], 1), trunc(m.cpu["upstream"], 1),
 				trunc(m.cpu["load"], 1), trunc(sumUse(m.others), 1), describeOthers(m.others, 2),
-				trunc(m.machine.busy, 1), trunc(m.machine.softirq, 1), trunc(m.machine.idle+m.machine.iowait, 1),
+				trunc(m.machine.Busy, 1), trunc(m.machine.Softirq, 1), trunc(m.machine.Idle+m.machine.IOWait, 1),
 				commas(m.diskWrite), m.perResponse(), m.settle.Truncate(time.Millisecond), commas(m.storeGrw))
 		}
 		w("\n")

@@ -317,8 +317,8 @@ func printResult(r *result) {
 	fmt.Printf("bbolt probe (one db.Update of 512 B, every 50 ms, %d samples) ms: p50 %s p90 %s p99 %s max %s\n",
 		len(r.boltPut), ms(pct(r.boltPut, .5)), ms(pct(r.boltPut, .9)), ms(pct(r.boltPut, .99)), ms(pct(r.boltPut, 1)))
 	fmt.Printf("cpu %% of one CPU over the window: %s %s, harness %s, machine busy %s (softirq %s) idle %s iowait %s of 200; others %s (%s); unaccounted (short-lived processes, softirq) %s; runnable threads %s on average; %d processes started on the machine\n",
-		r.target, fmtF(r.targetCPU), fmtF(r.harnessCPU), fmtF(r.machine.busy), fmtF(r.machine.softirq), fmtF(r.machine.idle), fmtF(r.machine.iowait),
-		fmtF(sumUse(r.others)), describeOthers(r.others, 3), fmtF(r.machine.busy-r.targetCPU-r.harnessCPU-sumUse(r.others)), fmtF(r.runnable), r.forks)
+		r.target, fmtF(r.targetCPU), fmtF(r.harnessCPU), fmtF(r.machine.Busy), fmtF(r.machine.Softirq), fmtF(r.machine.Idle), fmtF(r.machine.IOWait),
+		fmtF(sumUse(r.others)), describeOthers(r.others, 3), fmtF(r.machine.Busy-r.targetCPU-r.harnessCPU-sumUse(r.others)), fmtF(r.runnable), r.forks)
 	printStalls(r)
 	if len(r.gcs) > 0 {
 		// "gc N @Ts P%: A+B+C ms clock, …": A and C are the stop-the-world phases.
@@ -381,8 +381,8 @@ func printTable(all []*result) {
 			r.target, strings.ReplaceAll(r.shape.String(), "x", "×"), fmtF(float64(r.sent)/w),
 			fmtF(float64(len(r.lat))/w), fmtF(float64(r.sent*int64(r.shape.watchers))/w),
 			ms(pct(r.lat, .5)), ms(pct(r.lat, .9)), ms(pct(r.lat, .99)), ms(pct(r.lat, .999)), ms(pct(r.lat, 1)),
-			ms(pct(r.ack, .5)), ms(pct(r.ack, .99)), fmtF(r.targetCPU), fmtF(r.harnessCPU), fmtF(r.machine.idle), fmtF(sumUse(r.others)),
-			fmtF(r.machine.busy-r.targetCPU-r.harnessCPU-sumUse(r.others)), fmtF(r.runnable),
+			ms(pct(r.ack, .5)), ms(pct(r.ack, .99)), fmtF(r.targetCPU), fmtF(r.harnessCPU), fmtF(r.machine.Idle), fmtF(sumUse(r.others)),
+			fmtF(r.machine.Busy-r.targetCPU-r.harnessCPU-sumUse(r.others)), fmtF(r.runnable),
 			ms(pct(r.fsync, .5)), ms(pct(r.fsync, .99)), ms(pct(r.boltPut, .5)), ms(pct(r.boltPut, .99)))
 	}
 }

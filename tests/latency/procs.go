@@ -3,18 +3,17 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/caddy-progress/progress/tests/internal/procstat"
 )
 
 // The process handling follows tests/bench (procs.go): every child in its own process group,
@@ -130,146 +129,21 @@ func (b *syncBuffer) firstLine() (string, bool) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// CPU accounting from /proc
+// CPU accounting from /proc: tests/internal/procstat, shared with the other harness
 
-// clockTicks is USER_HZ, fixed at 100 for user space.
-const clockTicks = 100
+type (
+	procUse    = procstat.Use
+	machineUse = procstat.Machine
+)
 
-// procCPU reads a process's name and user+system CPU time so far.
-func procCPU(pid int) (comm string, cpu time.Duration, err error) {
-	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
-	if err != nil {
-		return "", 0, err
-	}
-	s := string(b)
-	open, closing := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
-	if open < 0 || closing < open {
-		return "", 0, errors.New("malformed stat")
-	}
-	f := strings.Fields(s[closing+1:])
-	if len(f) < 13 {
-		return "", 0, errors.New("short stat")
-	}
-	ut, err1 := strconv.ParseInt(f[11], 10, 64)
-	st, err2 := strconv.ParseInt(f[12], 10, 64)
-	if err1 != nil || err2 != nil {
-		return "", 0, errors.New("malformed stat times")
-	}
-	return s[open+1 : closing], time.Duration(ut+st) * time.Second / clockTicks, nil
-}
-
-// cpuSnapshot is the CPU time of every process, and the machine's totals, at one moment.
-type cpuSnapshot struct {
-	at   time.Time
-	cpu  map[int]time.Duration
-	comm map[int]string
-	stat [8]int64 // /proc/stat cpu line: user nice system idle iowait irq softirq steal
-}
-
-func takeSnapshot() cpuSnapshot {
-	s := cpuSnapshot{at: time.Now(), cpu: map[int]time.Duration{}, comm: map[int]string{}}
-	if b, err := os.ReadFile("/proc/stat"); err == nil {
-		line, _, _ := strings.Cut(string(b), "\n")
-		if f := strings.Fields(line); len(f) >= 9 && f[0] == "cpu" {
-			for i := range s.stat {
-				s.stat[i], _ = strconv.ParseInt(f[i+1], 10, 64)
-			}
-		}
-	}
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if comm, cpu, err := procCPU(pid); err == nil {
-			s.cpu[pid], s.comm[pid] = cpu, comm
-		}
-	}
-	return s
-}
-
-// procUse is how much of one CPU a process used between two snapshots, in percent.
-type procUse struct {
-	pid  int
-	comm string
-	pct  float64
-}
-
-// usage splits the CPU use between two snapshots into ours (by name) and everyone else's
-// (busiest first).
-func usage(a, b cpuSnapshot, ours map[int]string) (mine map[string]float64, others []procUse) {
-	wall := b.at.Sub(a.at)
-	mine = map[string]float64{}
-	if wall <= 0 {
-		return mine, nil
-	}
-	for pid, cb := range b.cpu {
-		ca, ok := a.cpu[pid]
-		if !ok {
-			continue
-		}
-		pct := 100 * float64(cb-ca) / float64(wall)
-		if name, ok := ours[pid]; ok {
-			mine[name] += pct
-			continue
-		}
-		if pct > 0 {
-			others = append(others, procUse{pid: pid, comm: b.comm[pid], pct: pct})
-		}
-	}
-	sort.Slice(others, func(i, j int) bool { return others[i].pct > others[j].pct })
-	return mine, others
-}
-
-// machineUse is the machine's use between two snapshots in % of one CPU (up to 100 × nproc).
-type machineUse struct {
-	busy, softirq, idle, iowait float64
-}
-
-func machineUsage(a, b cpuSnapshot) machineUse {
-	wall := b.at.Sub(a.at).Seconds()
-	if wall <= 0 {
-		return machineUse{}
-	}
-	d := func(i int) float64 { return 100 * float64(b.stat[i]-a.stat[i]) / clockTicks / wall }
-	return machineUse{
-		busy:    d(0) + d(1) + d(2) + d(5) + d(6) + d(7),
-		softirq: d(6),
-		idle:    d(3),
-		iowait:  d(4),
-	}
-}
-
-func sumUse(list []procUse) float64 {
-	t := 0.0
-	for _, u := range list {
-		t += u.pct
-	}
-	return t
-}
-
-func describeOthers(list []procUse, n int) string {
-	if len(list) == 0 {
-		return "none"
-	}
-	var parts []string
-	for i, u := range list {
-		if i == n {
-			break
-		}
-		parts = append(parts, fmt.Sprintf("%s %.1f%%", u.comm, u.pct))
-	}
-	return strings.Join(parts, ", ")
-}
-
-func loadavg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "?"
-	}
-	return strings.TrimSpace(string(b))
-}
+var (
+	takeSnapshot   = procstat.Take
+	usage          = procstat.Usage
+	machineUsage   = procstat.MachineUsage
+	sumUse         = procstat.SumUse
+	describeOthers = procstat.DescribeOthers
+	loadavg        = procstat.Loadavg
+)
 
 // procsRunning is the number of runnable threads on the machine now (procs_running of
 // /proc/stat, which counts the reader too).
