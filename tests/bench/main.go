@@ -94,6 +94,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/caddy-progress/progress/tests/internal/child"
 )
 
 func main() {
@@ -166,13 +168,13 @@ func harnessMain(args []string) int {
 	}
 
 	// Every child is stopped however the harness ends: normal return, error, or a signal.
-	defer stopAll()
+	defer child.StopAll()
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	go func() {
 		s := <-sigs
 		fmt.Fprintf(os.Stderr, "\nbench: %v: stopping every process started\n", s)
-		stopAll()
+		child.StopAll()
 		os.Exit(130)
 	}()
 
@@ -207,9 +209,9 @@ type harness struct {
 	started time.Time
 
 	caddyBin  string
-	caddy     *proc
+	caddy     *child.Proc
 	caddyLog  string
-	upstream  *proc
+	upstream  *child.Proc
 	upAddr    string
 	admin     string
 	portA     int
@@ -318,7 +320,7 @@ func (h *harness) run() error {
 	if err := h.stopCaddy(); err != nil {
 		return err
 	}
-	h.upstream.stop(5 * time.Second)
+	h.upstream.Stop(5 * time.Second)
 	if len(h.create) > 0 || len(h.sweep) > 0 {
 		if err := h.countStore(); err != nil {
 			return err
@@ -444,10 +446,10 @@ func (h *harness) gitCmd(args ...string) (string, error) {
 func (h *harness) ourPids() map[int]string {
 	m := map[int]string{os.Getpid(): "harness", os.Getppid(): "go run"}
 	if h.caddy != nil {
-		m[h.caddy.pid()] = "caddy"
+		m[h.caddy.PID()] = "caddy"
 	}
 	if h.upstream != nil {
-		m[h.upstream.pid()] = "upstream"
+		m[h.upstream.PID()] = "upstream"
 	}
 	return m
 }
@@ -545,7 +547,7 @@ func (h *harness) build() error {
 
 func (h *harness) startUpstream() error {
 	var out syncBuffer
-	p, err := startProc("upstream", h.self, []string{"__upstream", "-addr", "127.0.0.1:0"}, os.Environ(), h.dir, &out, os.Stderr, nil)
+	p, err := child.Start("upstream", h.self, []string{"__upstream", "-addr", "127.0.0.1:0"}, os.Environ(), h.dir, &out, os.Stderr, nil)
 	if err != nil {
 		return err
 	}
@@ -557,10 +559,10 @@ func (h *harness) startUpstream() error {
 				return fmt.Errorf("upstream printed %q, not an address", line)
 			}
 			h.upAddr = line
-			h.logf("# upstream (pid %d) on %s", p.pid(), line)
+			h.logf("# upstream (pid %d) on %s", p.PID(), line)
 			return nil
 		}
-		if p.exited() {
+		if p.Exited() {
 			return errors.New("the upstream exited at once")
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -650,7 +652,7 @@ https://127.0.0.1:%[5]d {
 		return err
 	}
 	defer logFile.Close() // the child keeps its own descriptor
-	p, err := startProc("caddy", h.caddyBin, []string{"run", "--config", configPath, "--adapter", "caddyfile"}, env, h.dir, logFile, logFile, nil)
+	p, err := child.Start("caddy", h.caddyBin, []string{"run", "--config", configPath, "--adapter", "caddyfile"}, env, h.dir, logFile, logFile, nil)
 	if err != nil {
 		return err
 	}
@@ -661,7 +663,7 @@ https://127.0.0.1:%[5]d {
 	deadline := time.Now().Add(60 * time.Second)
 	var lastErr error
 	for attempt := 0; attempt < 600 && time.Now().Before(deadline); attempt++ {
-		if p.exited() {
+		if p.Exited() {
 			return errors.New("caddy exited at once")
 		}
 		lastErr = nil
@@ -680,7 +682,7 @@ https://127.0.0.1:%[5]d {
 		}
 		if lastErr == nil {
 			h.logf("# caddy (pid %d): admin %s, A https://127.0.0.1:%d, B https://127.0.0.1:%d, store %s",
-				p.pid(), h.admin, h.portA, h.portB, h.storePath)
+				p.PID(), h.admin, h.portA, h.portB, h.storePath)
 			return nil
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -701,7 +703,7 @@ func (h *harness) stopCaddy() error {
 		return nil
 	}
 	start := time.Now()
-	h.caddy.stop(20 * time.Second)
+	h.caddy.Stop(20 * time.Second)
 	h.logf("# caddy stopped in %v", time.Since(start).Truncate(time.Millisecond))
 	b, err := os.ReadFile(h.caddyLog)
 	if err != nil {
@@ -940,7 +942,7 @@ func (h *harness) measure(name, scenario, site string, conns, streams int, warmu
 }
 
 func (h *harness) measureOnce(name, scenario, site string, conns, streams int, warmup, window time.Duration, onWindow func()) (*measurement, error) {
-	if h.caddy.exited() {
+	if h.caddy.Exited() {
 		return nil, errors.New("caddy has exited")
 	}
 	sp := h.spec(scenario, site)
@@ -957,7 +959,7 @@ func (h *harness) measureOnce(name, scenario, site string, conns, streams int, w
 	var stdout syncBuffer
 	snaps := make(chan cpuSnapshot, 2)
 	writes := make(chan int64, 2)
-	caddyPid := h.caddy.pid()
+	caddyPid := h.caddy.PID()
 	var stderr bytes.Buffer
 	var loadPid int
 	onLine := func(line string) {
@@ -973,12 +975,12 @@ func (h *harness) measureOnce(name, scenario, site string, conns, streams int, w
 			writes <- writeBytes(caddyPid)
 		}
 	}
-	p, err := startProc("load "+name, h.self, args, os.Environ(), h.dir, &stdout, &stderr, onLine)
+	p, err := child.Start("load "+name, h.self, args, os.Environ(), h.dir, &stdout, &stderr, onLine)
 	if err != nil {
 		return nil, err
 	}
-	loadPid = p.pid()
-	if err := p.wait(warmup + window + 90*time.Second); err != nil {
+	loadPid = p.PID()
+	if err := p.Wait(warmup + window + 90*time.Second); err != nil {
 		return nil, fmt.Errorf("%v\n%s", err, stderr.String())
 	}
 	res := new(loadResult)
@@ -1014,7 +1016,7 @@ func (h *harness) measureOnce(name, scenario, site string, conns, streams int, w
 	if res.Dials != conns {
 		h.logf("  NOTE: %d connections were opened, %d intended", res.Dials, conns)
 	}
-	if caddyGone := h.caddy.exited(); caddyGone {
+	if caddyGone := h.caddy.Exited(); caddyGone {
 		return nil, errors.New("caddy exited during the measurement")
 	}
 	return m, nil
@@ -1048,13 +1050,13 @@ func (m *measurement) perResponse() string {
 func (h *harness) settle() time.Duration {
 	start := time.Now()
 	idle := 0
-	_, last, err := procCPU(h.caddy.pid())
+	_, last, err := procCPU(h.caddy.PID())
 	if err != nil {
 		return 0
 	}
 	for time.Since(start) < 2*time.Minute {
 		time.Sleep(250 * time.Millisecond)
-		_, now, err := procCPU(h.caddy.pid())
+		_, now, err := procCPU(h.caddy.PID())
 		if err != nil {
 			break
 		}

@@ -17,6 +17,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/caddy-progress/progress/tests/internal/child"
 )
 
 // job is one job under measurement, however the target made it.
@@ -147,7 +149,7 @@ func (u *upstream) close() {
 type caddyTarget struct {
 	label     string
 	dir       string
-	proc      *proc
+	proc      *child.Proc
 	up        *upstream
 	admin     string
 	tlsPort   int
@@ -224,7 +226,7 @@ http://127.0.0.1:%[5]d {
 		return nil, err
 	}
 	defer logFile.Close()
-	if c.proc, err = startProc("caddy", bin, []string{"run", "--config", config, "--adapter", "caddyfile"}, env, dir, logFile, logFile); err != nil {
+	if c.proc, err = child.Start("caddy", bin, []string{"run", "--config", config, "--adapter", "caddyfile"}, env, dir, logFile, logFile, nil); err != nil {
 		return nil, err
 	}
 	// Ready when the TLS site answers over HTTP/2 (tls internal issues its certificate in the
@@ -234,7 +236,7 @@ http://127.0.0.1:%[5]d {
 	deadline := time.Now().Add(60 * time.Second)
 	var last error
 	for time.Now().Before(deadline) {
-		if c.proc.exited() {
+		if c.proc.Exited() {
 			return nil, fmt.Errorf("caddy exited at once; log:\n%s", c.logTail(30))
 		}
 		last = probe(cl, fmt.Sprintf("https://127.0.0.1:%d/ready", c.tlsPort), 2)
@@ -264,7 +266,7 @@ func probe(c *http.Client, url string, major int) error {
 }
 
 func (c *caddyTarget) name() string { return "caddy" }
-func (c *caddyTarget) pid() int     { return c.proc.pid() }
+func (c *caddyTarget) pid() int     { return c.proc.PID() }
 
 func (c *caddyTarget) logTail(n int) string {
 	b, _ := os.ReadFile(c.logPath)
@@ -364,7 +366,7 @@ func (c *caddyTarget) trace(ctx context.Context, seconds int, path string) error
 
 func (c *caddyTarget) close() {
 	if c.proc != nil {
-		c.proc.stop(20 * time.Second)
+		c.proc.Stop(20 * time.Second)
 	}
 }
 

@@ -23,6 +23,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/caddy-progress/progress/tests/internal/child"
 )
 
 // The baseline: a minimal SSE hub in Go, memory only (no store, no fsync, no Caddy), speaking
@@ -262,14 +264,14 @@ func hubMain(args []string) int {
 // hubTarget is the hub seen from the harness: a child process, or (in the smoke test) served
 // from the harness's own process, then pid is the harness's.
 type hubTarget struct {
-	proc            *proc
+	proc            *child.Proc
 	cancel          context.CancelFunc
 	tlsAddr, cbAddr string
 }
 
 func startHubProc(self, dir string) (*hubTarget, error) {
 	var out syncBuffer
-	p, err := startProc("hub", self, []string{"__hub"}, os.Environ(), dir, &out, os.Stderr)
+	p, err := child.Start("hub", self, []string{"__hub"}, os.Environ(), dir, &out, os.Stderr, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -278,17 +280,17 @@ func startHubProc(self, dir string) (*hubTarget, error) {
 		if line, ok := out.firstLine(); ok {
 			f := strings.Fields(line)
 			if len(f) != 2 {
-				p.stop(time.Second)
+				p.Stop(time.Second)
 				return nil, fmt.Errorf("hub printed %q", line)
 			}
 			return &hubTarget{proc: p, tlsAddr: f[0], cbAddr: f[1]}, nil
 		}
-		if p.exited() {
+		if p.Exited() {
 			return nil, fmt.Errorf("the hub exited at once")
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	p.stop(time.Second)
+	p.Stop(time.Second)
 	return nil, fmt.Errorf("the hub printed no address within 30s")
 }
 
@@ -313,7 +315,7 @@ func (h *hubTarget) pid() int {
 	if h.proc == nil {
 		return os.Getpid()
 	}
-	return h.proc.pid()
+	return h.proc.PID()
 }
 
 func (h *hubTarget) makeJobs(_ context.Context, n int) ([]job, error) {
@@ -333,7 +335,7 @@ func (h *hubTarget) trace(context.Context, int, string) error { return errNotSup
 
 func (h *hubTarget) close() {
 	if h.proc != nil {
-		h.proc.stop(5 * time.Second)
+		h.proc.Stop(5 * time.Second)
 	}
 	if h.cancel != nil {
 		h.cancel()

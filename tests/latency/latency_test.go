@@ -5,6 +5,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/caddy-progress/progress/tests/internal/child"
 )
 
 // The heavy measurement is the program itself (go run ./tests/latency, or ./xcaddy.sh
@@ -60,7 +62,7 @@ func TestSmokeCaddy(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds Caddy; skipped with -short")
 	}
-	defer stopAll()
+	defer child.StopAll()
 	root, err := moduleRoot()
 	if err != nil {
 		t.Skip(err)

@@ -72,6 +72,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/caddy-progress/progress/tests/internal/child"
 )
 
 func main() {
@@ -120,13 +122,13 @@ func harnessMain(args []string) int {
 		return 2
 	}
 
-	defer stopAll()
+	defer child.StopAll()
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	go func() {
 		s := <-sigs
 		fmt.Fprintf(os.Stderr, "\nlatency: %v: stopping every process started\n", s)
-		stopAll()
+		child.StopAll()
 		os.Exit(130)
 	}()
 
