@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -60,6 +61,9 @@ type App struct {
 	CallbackSecret string `json:"callback_secret,omitempty"`
 	// MaxCallbackSize bounds the body of one upstream progress report. Default 64 KiB.
 	MaxCallbackSize int64 `json:"max_callback_size,omitempty"`
+	// DisableMetrics keeps the caddy_progress_* metrics out of Caddy's metrics registry (and
+	// saves their upkeep). Default: on, served at the admin endpoint's /metrics.
+	DisableMetrics bool `json:"disable_metrics,omitempty"`
 
 	path   string
 	shared *shared
@@ -84,7 +88,19 @@ var stores = caddy.NewUsagePool()
 type shared struct {
 	store  store.Store
 	engine *engine.Engine
+	// commitMetrics receives the store's commit timings; the newest config sets it (nil: off).
+	commitMetrics atomic.Pointer[engine.Metrics]
 }
+
+// observeCommit is the store's ObserveCommit: the store is opened before any config has said
+// whether it wants metrics, and outlives them all.
+func (s *shared) observeCommit(took time.Duration, writes int) {
+	s.commitMetrics.Load().ObserveCommit(took, writes)
+}
+
+// metrics are the process's caddy_progress_* metrics: one set, registered into the registry
+// of every config Caddy loads, so the counts go on across reloads.
+var metrics = engine.NewMetrics()
 
 // Destruct runs when the last config using the store goes: running jobs end as interrupted.
 func (s *shared) Destruct() error {
@@ -121,11 +137,14 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	logger := a.logger
 	val, loaded, err := stores.LoadOrNew(a.path, func() (caddy.Destructor, error) {
+		sh := new(shared)
+		opts.ObserveCommit = sh.observeCommit
 		st, err := store.Open(a.path, opts)
 		if err != nil {
 			return nil, err
 		}
-		return &shared{store: st, engine: engine.New(st, logger, statusOf, secret)}, nil
+		sh.store, sh.engine = st, engine.New(st, logger, statusOf, secret)
+		return sh, nil
 	})
 	if err != nil {
 		return fmt.Errorf("progress: %w", err)
@@ -134,6 +153,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		a.logger.Debug("sharing the open job store", zap.String("store", a.path))
 	}
 	a.shared = val.(*shared)
+	if err := a.provisionMetrics(ctx); err != nil {
+		return err
+	}
 	a.done, a.stop = context.WithCancel(context.Background())
 	// Caddy stops its apps in no set order, and on exit the http app waits for every request
 	// to end (grace_period is forever by default): end the event streams as soon as stopping

@@ -37,6 +37,7 @@ func init() {
 //		events_per_job  <count>
 //		callback_secret <secret>
 //		max_callback_size <size>
+//		metrics         on|off
 //	}
 func parseGlobal(d *caddyfile.Dispenser, _ any) (any, error) {
 	app := new(App)
@@ -81,6 +82,18 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = oneString(d, &a.CallbackSecret)
 		case "max_callback_size":
 			err = oneSize(d, &a.MaxCallbackSize)
+		case "metrics":
+			var v string
+			if err = oneString(d, &v); err == nil {
+				switch v {
+				case "on":
+					a.DisableMetrics = false
+				case "off":
+					a.DisableMetrics = true
+				default:
+					err = d.Errf("metrics must be on or off, not %q", v)
+				}
+			}
 		default:
 			return d.Errf("unrecognized subdirective %q", d.Val())
 		}

@@ -207,9 +207,22 @@ func (a *API) status(w http.ResponseWriter, r *http.Request, job *store.Job) err
 		ctx, cancel := context.WithTimeout(r.Context(), wait)
 		defer cancel()
 		defer context.AfterFunc(a.Done, cancel)() // a stopping server must not wait for us
+		m := a.Engine.Metrics()
+		left := m.subscribed(SubscriberLongPoll)
+		span := startRequestSpan(r, "progress long-poll", job.ID, job)
 		ev, err := a.Engine.Store.Wait(ctx, job.ID, seen)
+		left()
+		if span != nil {
+			if err == nil {
+				span.SetAttributes(attrDelivered.Int(1))
+			} else {
+				span.SetAttributes(attrDelivered.Int(0))
+			}
+			span.End()
+		}
 		switch {
 		case err == nil:
+			m.delivered(SubscriberLongPoll, ev)
 			h.Set("ETag", etag(ev.Seq))
 			if !ev.Done() {
 				h.Set("Retry-After", "1")

@@ -7,14 +7,32 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/codes"
+
 	"github.com/caddy-progress/progress/store"
 	"github.com/caddy-progress/progress/upstreamhook"
 )
 
 // callback serves POST {jobs_path}/{id}/progress, the upstream's progress report (DESIGN.md
 // section 4). It answers 204 only once the report is durable.
-func (a *API) callback(w http.ResponseWriter, r *http.Request, id string) error {
+func (a *API) callback(w http.ResponseWriter, r *http.Request, id string) (err error) {
+	m := a.Engine.Metrics()
+	span := startRequestSpan(r, "progress callback", id, nil)
+	reason := ""
+	defer func() {
+		if reason != "" {
+			m.callbackRejected(reason)
+		}
+		if span != nil {
+			if reason != "" {
+				span.SetAttributes(attrReason.String(reason))
+				span.SetStatus(codes.Error, reason)
+			}
+			span.End()
+		}
+	}()
 	if r.Method != http.MethodPost {
+		reason = RejectMethod
 		w.Header().Set("Allow", "POST")
 		return problem(http.StatusMethodNotAllowed, "method-not-allowed", "Method not allowed",
 			r.Method+" is not served here; upstreams report progress with POST")
@@ -23,6 +41,7 @@ func (a *API) callback(w http.ResponseWriter, r *http.Request, id string) error 
 	// learns whether a job exists.
 	token, ok := upstreamhook.BearerToken(r)
 	if !ok || !a.Engine.signer.Check(id, token) {
+		reason = RejectToken
 		w.Header().Set("WWW-Authenticate", `Bearer realm="progress callback"`)
 		detail := "send the job's Progress-Token as Authorization: Bearer <token>"
 		if ok {
@@ -39,26 +58,41 @@ func (a *API) callback(w http.ResponseWriter, r *http.Request, id string) error 
 	var tooLarge *upstreamhook.TooLargeError
 	switch {
 	case errors.As(err, &tooLarge):
+		reason = RejectTooLarge
 		p := problem(http.StatusRequestEntityTooLarge, "callback-too-large", "Progress report too large", tooLarge.Error())
 		p.Field = tooLarge.Field
 		return p
 	case errors.As(err, &fieldErr):
+		reason = RejectMalformed
 		p := problem(http.StatusBadRequest, "bad-callback", "Malformed progress report", fieldErr.Error())
 		p.Field = fieldErr.Field
 		return p
 	case err != nil:
+		reason = RejectMalformed
 		return problem(http.StatusBadRequest, "bad-callback", "Malformed progress report", err.Error())
 	}
-	if _, err := a.Engine.report(r.Context(), id, update); err != nil {
+	doc, err := a.Engine.report(r.Context(), id, update)
+	if span != nil {
+		if link, ok := jobLink(doc); ok {
+			span.AddLink(link)
+		}
+	}
+	if err != nil {
 		switch {
 		case errors.Is(err, store.ErrFinished):
+			reason = RejectFinished
 			return problem(http.StatusConflict, "job-finished", "Job already finished",
 				"the job has ended; it takes no more progress reports")
 		case errors.Is(err, store.ErrTooLarge):
+			reason = RejectTooLarge
 			return problem(http.StatusRequestEntityTooLarge, "callback-too-large", "Progress report too large", err.Error())
 		case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
 			return nil // the upstream left before the report was durable; it was not acknowledged
+		case errors.Is(err, store.ErrNotFound):
+			reason = RejectNotFound
+			return storeProblem(err)
 		}
+		reason = RejectStore
 		return storeProblem(err)
 	}
 	w.WriteHeader(http.StatusNoContent)
@@ -137,6 +171,9 @@ func (e *Engine) writeReports(id string, jr *jobReports) {
 			applyUpdate(j, b.update, time.Now())
 			return nil
 		})
+		if b.err == nil {
+			e.Metrics().progressEvent(SourceCallback)
+		}
 		close(b.done)
 	}
 }

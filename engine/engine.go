@@ -7,8 +7,11 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 
 	"github.com/caddy-progress/progress/store"
@@ -33,6 +36,7 @@ type Engine struct {
 	StatusOf StatusOf
 
 	signer    *upstreamhook.Signer
+	metrics   atomic.Pointer[Metrics] // nil: metrics off
 	reports   reports
 	estimates estimator
 	// background counts goroutines the engine owns besides jobs (progress report writers).
@@ -60,6 +64,13 @@ func New(st store.Store, log *zap.Logger, statusOf StatusOf, secret []byte) *Eng
 	return &Engine{Store: st, Log: log, StatusOf: statusOf, signer: upstreamhook.NewSigner(secret), running: make(map[string]context.CancelCauseFunc), closing: make(chan struct{})}
 }
 
+// SetMetrics turns metrics on (or off, with nil) for what the engine does from now on; the
+// newest config decides. Routes pick the metrics up when they are initialised.
+func (e *Engine) SetMetrics(m *Metrics) { e.metrics.Store(m) }
+
+// Metrics returns the metrics in use, nil when they are off.
+func (e *Engine) Metrics() *Metrics { return e.metrics.Load() }
+
 // Token is the upstream's secret for reporting progress on job id (DESIGN.md section 4): an
 // HMAC of the id, useless for any other job.
 func (e *Engine) Token(id string) string { return e.signer.Token(id) }
@@ -72,9 +83,12 @@ var errShutdown = errors.New("server shutting down")
 
 // Cancel ends a job as canceled and aborts its upstream request if it runs here.
 func (e *Engine) Cancel(ctx context.Context, id string) (*store.Job, error) {
-	job, _, err := e.Store.Cancel(ctx, id)
+	job, changed, err := e.Store.Cancel(ctx, id)
 	if err != nil {
 		return nil, err
+	}
+	if changed {
+		e.ended(job)
 	}
 	e.mu.Lock()
 	cancel := e.running[id]
@@ -110,6 +124,10 @@ type job struct {
 	body     *spooledBody
 	upstream Upstream
 	running  bool // created running: no queue wait, no state change before the upstream call
+	started  bool // its upstream request has begun (it left the queue); for the gauges
+	created  time.Time
+	trace    *jobTrace  // nil: tracing off
+	final    *store.Job // the document its end recorded, when this engine recorded it
 	capture  *capture
 	done     chan struct{} // closed when the job has ended and its end is recorded
 }
@@ -131,6 +149,8 @@ func (e *Engine) start(j *job, ctx context.Context, cancel context.CancelCauseFu
 			delete(e.running, j.id)
 			e.mu.Unlock()
 			cancel(nil)
+			j.route.metrics.jobLeft(j.started)
+			e.endTrace(j)
 		}()
 		e.run(ctx, j)
 	}()
@@ -142,6 +162,10 @@ func (e *Engine) run(ctx context.Context, j *job) {
 	st := e.Store
 	// Records of the job's life use a context of their own: the job's may be canceled.
 	rec := context.WithoutCancel(ctx)
+	var queueSpan trace.Span
+	if !j.running {
+		_, queueSpan = j.trace.child("progress queue", trace.SpanKindInternal)
+	}
 	err := j.ticket.wait(ctx, func(position int) {
 		st.Update(rec, j.id, func(doc *store.Job) error {
 			if doc.State != store.Queued {
@@ -151,8 +175,11 @@ func (e *Engine) run(ctx context.Context, j *job) {
 			return nil
 		})
 	})
+	if queueSpan != nil {
+		queueSpan.End()
+	}
 	if err != nil {
-		e.end(rec, ctx, j, nil)
+		j.final = e.end(rec, ctx, j, nil)
 		return
 	}
 	defer j.ticket.release()
@@ -167,24 +194,41 @@ func (e *Engine) run(ctx context.Context, j *job) {
 			}
 			// The store could not record the start (the disk is full): the job must not
 			// stay queued for ever, nor run without its record saying so.
-			e.finish(rec, j.id, store.Outcome{State: store.Failed, Error: &store.JobError{
+			j.final = e.finish(rec, j.id, store.Outcome{State: store.Failed, Error: &store.JobError{
 				Code: CodeStoreUnavailable, Message: "the job store could not record the start of the job: " + err.Error()}})
 			return
 		}
+		j.started = true
+		waited := time.Since(j.created)
+		j.route.metrics.jobStarted(waited)
+		e.logStarted(j, waited)
 	}
 	j.request = j.request.WithContext(ctx)
 	started := time.Now()
 	routeKey := routeKey(j.request.Method, j.route.Name)
 	stopEstimates := e.followEstimates(ctx, j.id, routeKey, started, j.route.EstimateInterval)
+	upCtx, upSpan := j.trace.child("progress upstream", trace.SpanKindClient, attrMethod.String(j.request.Method))
+	if upSpan != nil {
+		propagate(upCtx, j.request.Header)
+	}
 	upErr := e.callUpstream(j)
 	ranFor := time.Since(started)
 	stopEstimates()
+	if upSpan != nil {
+		if j.capture.wroteHeader {
+			upSpan.SetAttributes(attrStatus.Int(j.capture.status))
+		}
+		if upErr != nil {
+			upSpan.SetStatus(codes.Error, upErr.Error())
+		}
+		upSpan.End()
+	}
 	c := j.capture
 	// A client the response passes through (Prefer: wait) has only part of it: its handler
 	// must abort the exchange too, not end it as if the body were complete.
 	c.broken = upErr != nil && c.wroteHeader
 	succeeded := upErr == nil && ctx.Err() == nil && c.resultErr == nil && (!c.wroteHeader || c.status < 400)
-	e.end(rec, ctx, j, upErr)
+	j.final = e.end(rec, ctx, j, upErr)
 	if succeeded {
 		e.recordRunTime(routeKey, ranFor, time.Now())
 	}
@@ -214,15 +258,16 @@ func (e *Engine) callUpstream(j *job) (err error) {
 // errAborted stands for http.ErrAbortHandler from the upstream handler: the response was cut.
 var errAborted = errors.New("the handler aborted the response")
 
-// end records how a job ended, from the upstream's answer or failure and the job's context.
-func (e *Engine) end(rec, ctx context.Context, j *job, upErr error) {
+// end records how a job ended, from the upstream's answer or failure and the job's context,
+// and returns the final document (nil when the end was not this call's to record).
+func (e *Engine) end(rec, ctx context.Context, j *job, upErr error) *store.Job {
 	c := j.capture
 	out := store.Outcome{State: store.Failed}
 	cause := context.Cause(ctx)
 	switch {
 	case errors.Is(cause, errCanceled):
 		c.result.Discard()
-		return // Cancel recorded it
+		return nil // Cancel recorded it
 	case errors.Is(cause, errShutdown):
 		out.Error = &store.JobError{Code: store.CodeInterrupted, Message: "the server shut down before the upstream answered; start the job again"}
 	case errors.Is(cause, context.DeadlineExceeded):
@@ -249,7 +294,7 @@ func (e *Engine) end(rec, ctx context.Context, j *job, upErr error) {
 	if out.Body == nil {
 		c.result.Discard()
 	}
-	e.finish(rec, j.id, out)
+	return e.finish(rec, j.id, out)
 }
 
 // Error codes of jobs the store could not keep up with.
@@ -271,21 +316,25 @@ const (
 // again, with growing pauses, until the store takes it, the job is gone, or the engine closes
 // (the next start then ends the job as interrupted). A refused Finish has let go of the
 // result body, so a job that had a response ends failed with result_unstorable instead.
-func (e *Engine) finish(rec context.Context, id string, out store.Outcome) {
+// It returns the final document, or nil when it did not record the end.
+func (e *Engine) finish(rec context.Context, id string, out store.Outcome) *store.Job {
 	pause := finishRetryFirst
 	for attempt := 1; ; attempt++ {
-		_, err := e.Store.Finish(rec, id, out)
+		doc, err := e.Store.Finish(rec, id, out)
+		if err == nil {
+			e.ended(doc)
+		}
 		if err == nil || errors.Is(err, store.ErrFinished) || errors.Is(err, store.ErrNotFound) {
 			if attempt > 1 && err == nil {
 				e.Log.Info("recorded the end of a job after the store refused it", zap.String("job", id), zap.Int("attempts", attempt))
 			}
-			return
+			return doc
 		}
 		if attempt == 1 {
 			e.Log.Error("recording the end of a job; trying again until the store takes it", zap.String("job", id), zap.Error(err))
 		}
 		if errors.Is(err, store.ErrClosed) || (attempt > 1 && (errors.Is(err, store.ErrInvalid) || errors.Is(err, store.ErrTooLarge))) {
-			return // closed: the next start ends it as interrupted; invalid: no retry helps
+			return nil // closed: the next start ends it as interrupted; invalid: no retry helps
 		}
 		if out.Response != nil {
 			out = store.Outcome{State: store.Failed, Error: &store.JobError{Code: CodeResultUnstorable,
@@ -296,7 +345,7 @@ func (e *Engine) finish(rec context.Context, id string, out store.Outcome) {
 		case <-timer.C:
 		case <-e.closing:
 			timer.Stop()
-			return
+			return nil
 		}
 		pause = min(2*pause, finishRetryMax)
 	}

@@ -221,6 +221,7 @@ func (e *Engine) followEstimates(ctx context.Context, id, key string, started ti
 				if err != nil {
 					return // reported for real, finished, gone, or the store is closing
 				}
+				e.Metrics().progressEvent(SourceEstimate)
 				lastPercent, lastAt = percent, now
 			}
 		}

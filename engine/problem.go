@@ -21,6 +21,12 @@ type Problem struct {
 // problemBase is where problem types are explained (README, section "Errors").
 const problemBase = "https://github.com/caddy-progress/progress#problem-"
 
+// NewProblem makes a problem whose type is explained in the README's section "Errors" under
+// slug.
+func NewProblem(status int, slug, title, detail string) *Problem {
+	return problem(status, slug, title, detail)
+}
+
 func problem(status int, slug, title, detail string) *Problem {
 	return &Problem{Type: problemBase + slug, Title: title, Status: status, Detail: detail}
 }

@@ -65,7 +65,8 @@ type Route struct {
 	// waits of clients that sent Prefer: wait: they get their 202 at once.
 	Done context.Context
 
-	queue *queue
+	queue   *queue
+	metrics *routeMetrics // nil: metrics off
 }
 
 // Defaults of a route's limits.
@@ -104,6 +105,9 @@ func (rt *Route) Init() {
 		rt.EstimateInterval = DefaultEstimateInterval
 	}
 	rt.queue = newQueue(rt.Concurrency, rt.MaxQueue)
+	if rt.Engine != nil {
+		rt.metrics = rt.Engine.Metrics().forRoute(rt.Name)
+	}
 }
 
 // Owner is who a job is bound to: the value of the route's owner expression for this
@@ -131,7 +135,8 @@ func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, owner Owner, upst
 	for _, name := range [...]string{upstreamhook.HeaderJobID, upstreamhook.HeaderCallback, upstreamhook.HeaderToken} {
 		r.Header.Del(name)
 	}
-	wait, async := rt.decide(prefs)
+	wait, how := rt.decide(prefs)
+	async := how != ""
 	if !async {
 		return upstream(w, r)
 	}
@@ -173,10 +178,22 @@ func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, owner Owner, upst
 	if owner.Expr != "" {
 		spec.Attrs = map[string]string{AttrOwnerExpr: owner.Expr}
 	}
+	jt := startJobTrace(r, rt.Name, how)
+	if jt != nil {
+		if spec.Attrs == nil {
+			spec.Attrs = make(map[string]string, 1)
+		}
+		spec.Attrs[AttrTraceParent] = jt.traceParent()
+	}
 	st := rt.Engine.Store
 	doc, created, err := st.Create(r.Context(), spec)
 	if err != nil || !created {
 		ticket.release()
+	}
+	if err != nil {
+		jt.failed(err)
+	} else {
+		jt.created(doc, !created)
 	}
 	switch {
 	case errors.Is(err, store.ErrIdempotencyMismatch):
@@ -201,8 +218,9 @@ func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, owner Owner, upst
 	}
 	j := &job{
 		id: doc.ID, route: rt, ticket: ticket, body: body, upstream: upstream, running: doc.State == store.Running,
-		capture: newCapture(result, client), done: make(chan struct{}),
+		capture: newCapture(result, client), done: make(chan struct{}), created: doc.CreatedAt, trace: jt,
 	}
+	j.started = j.running
 	ctx, cancelJob := context.WithCancelCause(context.WithoutCancel(r.Context()))
 	ctx, cancelTimer := context.WithTimeoutCause(ctx, rt.Timeout, context.DeadlineExceeded)
 	cancel := func(cause error) {
@@ -210,12 +228,17 @@ func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, owner Owner, upst
 		cancelTimer()
 	}
 	j.request = rt.upstreamRequest(r, ctx, doc.ID, body)
+	rt.metrics.jobCreated(how, j.running)
+	rt.Engine.logCreated(doc, how)
 	if !rt.Engine.start(j, ctx, cancel) {
 		cancel(errShutdown)
 		ticket.release()
 		result.Discard()
-		st.Finish(context.WithoutCancel(r.Context()), doc.ID, store.Outcome{State: store.Failed,
+		rt.metrics.jobLeft(j.running)
+		final, _ := st.Finish(context.WithoutCancel(r.Context()), doc.ID, store.Outcome{State: store.Failed,
 			Error: &store.JobError{Code: store.CodeInterrupted, Message: "the server was shutting down"}})
+		rt.Engine.ended(final)
+		jt.end(final)
 		return problem(http.StatusServiceUnavailable, "shutting-down", "Server shutting down", "try again in a moment")
 	}
 	handedOver = true
@@ -253,21 +276,22 @@ func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, owner Owner, upst
 	return nil
 }
 
-// decide says whether a request becomes a job and how long its client waits for the response.
-func (rt *Route) decide(p Preferences) (wait time.Duration, async bool) {
+// decide says whether a request becomes a job, and why (one of the How* values; "" for no),
+// and how long its client waits for the response.
+func (rt *Route) decide(p Preferences) (wait time.Duration, how string) {
 	switch {
 	case p.HasWait:
-		wait, async = p.Wait, true
+		wait, how = p.Wait, HowWait
 	case p.RespondAsync:
-		wait, async = 0, true
+		wait, how = 0, HowRespondAsync
 	case rt.Mode == ModeAlways:
-		wait, async = 0, true
+		wait, how = 0, HowAlways
 	case rt.Mode == ModeAfter:
-		wait, async = rt.After, true
+		wait, how = rt.After, HowAfter
 	default:
-		return 0, false
+		return 0, ""
 	}
-	return min(wait, rt.MaxWait), async
+	return min(wait, rt.MaxWait), how
 }
 
 // upstreamRequest is the request the job sends on: the client's, on the job's detached

@@ -35,6 +35,18 @@ func (a *API) events(w http.ResponseWriter, r *http.Request, job *store.Job) err
 		return storeProblem(err)
 	}
 	defer sub.Close()
+	m := a.Engine.Metrics()
+	defer m.subscribed(SubscriberSSE)()
+	delivered := 0
+	if span := startRequestSpan(r, "progress events", job.ID, job); span != nil {
+		if resumed {
+			span.SetAttributes(attrResumed.Int64(int64(after)))
+		}
+		defer func() {
+			span.SetAttributes(attrDelivered.Int(delivered))
+			span.End()
+		}()
+	}
 
 	h := w.Header()
 	h.Set("Content-Type", "text/event-stream")
@@ -55,7 +67,16 @@ func (a *API) events(w http.ResponseWriter, r *http.Request, job *store.Job) err
 		cancelNext()
 		switch {
 		case err == nil:
-			if err := out.send(frame(ev)); err != nil || ev.Done() {
+			if err := out.send(frame(ev)); err != nil {
+				return nil
+			}
+			delivered++
+			if ev.Seq > job.Seq {
+				// Live: the store took the change after this stream began; what it replays
+				// from before is history, not delivery latency.
+				m.delivered(SubscriberSSE, ev)
+			}
+			if ev.Done() {
 				return nil
 			}
 		case errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil:

@@ -83,7 +83,7 @@ func openBolt(path string, opts Options) (*boltStore, error) {
 		db.Close()
 		return nil, err
 	}
-	s.commits = newCommitter(db, opts.MaxBatch)
+	s.commits = newCommitter(db, opts.MaxBatch, opts.ObserveCommit)
 	s.sweeping.Add(1)
 	go s.sweepLoop()
 	return s, nil
@@ -219,3 +219,24 @@ func (s *boltStore) Close() error {
 	})
 	return err
 }
+
+// SizeBytes is the database file's size plus the result bodies kept in files beside it.
+func (s *boltStore) SizeBytes() (int64, error) {
+	info, err := os.Stat(s.path)
+	if err != nil {
+		return 0, err
+	}
+	total := info.Size()
+	entries, err := os.ReadDir(s.resultsDir)
+	if err != nil {
+		return total, err
+	}
+	for _, e := range entries {
+		if fi, err := e.Info(); err == nil && fi.Mode().IsRegular() {
+			total += fi.Size()
+		}
+	}
+	return total, nil
+}
+
+var _ Inspector = (*boltStore)(nil)

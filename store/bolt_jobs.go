@@ -77,7 +77,7 @@ func (s *boltStore) prepare(prev, j *Job, now time.Time) (*change, error) {
 	}
 	return &change{
 		id: id, prev: prev, job: j, rec: rec,
-		ev: Event{JobID: j.ID, Seq: j.Seq, Kind: kind, Data: doc}, evV: encodeEvent(kind, doc),
+		ev: Event{JobID: j.ID, Seq: j.Seq, Kind: kind, Data: doc, At: now}, evV: encodeEvent(kind, doc),
 	}, nil
 }
 
@@ -834,4 +834,35 @@ func (s *boltStore) Wait(ctx context.Context, id string, after uint64) (Event, e
 			return Event{}, ctx.Err()
 		}
 	}
+}
+
+// CountByState counts jobs from the owner index, whose values are the jobs' states, so no
+// record is decoded.
+func (s *boltStore) CountByState(ctx context.Context) (map[State]int, error) {
+	counts := make(map[State]int, len(allStates))
+	for _, st := range allStates {
+		counts[st] = 0
+	}
+	err := s.view(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketOwners).ForEach(func(_, v []byte) error {
+			if len(v) == 1 {
+				counts[stateFromByte(v[0])]++
+			}
+			return nil
+		})
+	})
+	return counts, err
+}
+
+// allStates lists every job state, for counts that name the states with no jobs too.
+var allStates = [...]State{Queued, Running, Succeeded, Failed, Canceled}
+
+// stateFromByte reverses stateByte.
+func stateFromByte(b byte) State {
+	for _, st := range allStates {
+		if stateByte(st) == b {
+			return st
+		}
+	}
+	return Canceled
 }

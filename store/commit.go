@@ -2,6 +2,7 @@ package store
 
 import (
 	"sync"
+	"time"
 
 	bolt "go.etcd.io/bbolt"
 )
@@ -14,6 +15,7 @@ import (
 type committer struct {
 	db       *bolt.DB
 	maxBatch int
+	observe  func(took time.Duration, writes int) // nil: nobody is measuring
 
 	mu     sync.RWMutex // held for reading while sending, so close cannot race a send
 	closed bool
@@ -31,8 +33,8 @@ type op struct {
 	result    chan error
 }
 
-func newCommitter(db *bolt.DB, maxBatch int) *committer {
-	c := &committer{db: db, maxBatch: maxBatch, ops: make(chan *op, maxBatch), done: make(chan struct{})}
+func newCommitter(db *bolt.DB, maxBatch int, observe func(time.Duration, int)) *committer {
+	c := &committer{db: db, maxBatch: maxBatch, observe: observe, ops: make(chan *op, maxBatch), done: make(chan struct{})}
 	go c.run()
 	return c
 }
@@ -92,6 +94,7 @@ func (c *committer) commit(batch []*op) {
 		return
 	}
 	failed := -1
+	began := time.Now()
 	err := c.db.Update(func(tx *bolt.Tx) error {
 		for i, o := range batch {
 			if err := o.apply(tx); err != nil {
@@ -101,6 +104,9 @@ func (c *committer) commit(batch []*op) {
 		}
 		return nil
 	})
+	if c.observe != nil {
+		c.observe(time.Since(began), len(batch))
+	}
 	switch {
 	case err == nil:
 		for _, o := range batch {

@@ -190,6 +190,9 @@ type Event struct {
 	Seq   uint64
 	Kind  EventKind
 	Data  []byte
+	// At is when the store took the change, for measuring how long events take to reach
+	// subscribers; zero for events read back from storage.
+	At time.Time
 }
 
 // Done reports whether e is the job's last event.

@@ -83,6 +83,15 @@ type Store interface {
 	Close() error
 }
 
+// Inspector is what a store may offer operators besides the Store interface: the admin API
+// and the metrics use it when the store has it.
+type Inspector interface {
+	// CountByState counts the jobs the store holds, by state.
+	CountByState(ctx context.Context) (map[State]int, error)
+	// SizeBytes is the space the store takes on disk.
+	SizeBytes() (int64, error)
+}
+
 // NewJob describes a job to create.
 type NewJob struct {
 	// Owner binds the job to a caller (the evaluated `owner` placeholder); "" for nobody. The
@@ -196,6 +205,10 @@ type Options struct {
 	LiveEvents int
 	// MaxBatch bounds how many writes share one commit. Default 1024.
 	MaxBatch int
+	// ObserveCommit, when set, is told how long each commit took (the transaction with its
+	// fsyncs) and how many writes it carried, for metrics. It runs on the commit goroutine,
+	// so it must be quick.
+	ObserveCommit func(took time.Duration, writes int)
 }
 
 // Default limits.
