@@ -217,6 +217,10 @@ func upstreamSeen(t *testing.T, id, until string, wait time.Duration) seenDoc {
 type caddyOptions struct {
 	// Heartbeat is the global progress heartbeat; default 1s.
 	Heartbeat string
+	// Tracing puts Caddy's `tracing` directive in front of the job routes of both sites.
+	Tracing bool
+	// Env is added to Caddy's environment (read when Caddy starts, not on reload).
+	Env []string
 }
 
 // caddyProc is one running Caddy. Its methods without a *testing.T report to the test that
@@ -232,6 +236,8 @@ type caddyProc struct {
 	closedAddr string // an address nothing listens on (the unreachable upstream)
 	roots      *x509.CertPool
 	logs       *logWatcher
+
+	extraEnv []string
 
 	cmd     *exec.Cmd
 	exited  chan struct{}
@@ -251,6 +257,7 @@ func startCaddy(t *testing.T, opts caddyOptions) *caddyProc {
 		httpPort:   freePort(t, false),
 		httpsPort:  freePort(t, true),
 		closedAddr: "127.0.0.1:" + strconv.Itoa(freePort(t, false)),
+		extraEnv:   opts.Env,
 	}
 	c.writeConfig(t, opts)
 	c.start()
@@ -312,11 +319,11 @@ func (c *caddyProc) env() []string {
 		}
 		env = append(env, kv)
 	}
-	return append(env,
+	return append(append(env,
 		"HOME="+filepath.Join(c.dir, "home"),
 		"XDG_DATA_HOME="+filepath.Join(c.dir, "data"),
 		"XDG_CONFIG_HOME="+filepath.Join(c.dir, "config"),
-	)
+	), c.extraEnv...)
 }
 
 // waitTLS loads Caddy's local root and waits until the TLS site hands out its certificate:
@@ -492,6 +499,10 @@ func (c *caddyProc) caddyfile(o caddyOptions) string {
 	if heartbeat == "" {
 		heartbeat = "1s"
 	}
+	tracing := ""
+	if o.Tracing {
+		tracing = "tracing"
+	}
 	return fmt.Sprintf(`{
 	admin %[1]s
 	metrics
@@ -509,6 +520,7 @@ func (c *caddyProc) caddyfile(o caddyOptions) string {
 }
 
 (job_routes) {
+	%[9]s
 	progress_api
 	progress /jobs/* {
 		callback_base http://127.0.0.1:%[2]d
@@ -532,7 +544,7 @@ https://127.0.0.1:%[3]d {
 	tls internal
 	import job_routes
 }
-`, c.admin, c.httpPort, c.httpsPort, filepath.Join(c.dir, "storage"), c.storePath, heartbeat, c.closedAddr, upstreamAddr)
+`, c.admin, c.httpPort, c.httpsPort, filepath.Join(c.dir, "storage"), c.storePath, heartbeat, c.closedAddr, upstreamAddr, tracing)
 }
 
 func (c *caddyProc) writeConfig(t *testing.T, o caddyOptions) {

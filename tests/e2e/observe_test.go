@@ -151,7 +151,6 @@ func TestMetricsLogsAndAdmin(t *testing.T) {
 		{"progress events (callbacks and estimates)", sum(m, "caddy_progress_progress_events_total"), float64(progressEvents)},
 		{"callbacks refused for their token", sum(m, "caddy_progress_callbacks_rejected_total", `reason="bad_token"`), 1},
 		{"subscribers now", sum(m, "caddy_progress_subscribers"), 0},
-		{"live SSE deliveries observed", sum(m, "caddy_progress_delivery_seconds_count", `kind="sse"`), float64(live)},
 	}
 	for _, ch := range checks {
 		if ch.got != ch.want {
@@ -170,7 +169,14 @@ func TestMetricsLogsAndAdmin(t *testing.T) {
 	if got := sum(m, "caddy_progress_store_size_bytes"); got < 32<<10 {
 		t.Errorf("store size %v bytes; a bbolt file alone is 32 KiB", got)
 	}
-	if sum(m, "caddy_progress_delivery_seconds_bucket", `kind="sse"`, `le="+Inf"`) != float64(live) {
+	// Deliveries are timed for events that reach a stream from the live tail; one that a stream
+	// read back from the store (the job moved on between the stream's first read and its
+	// subscription) is not, so some of the live events may be missing, never more.
+	deliveries := sum(m, "caddy_progress_delivery_seconds_count", `kind="sse"`)
+	if deliveries < 1 || deliveries > float64(live) {
+		t.Errorf("SSE deliveries timed: %v, want 1 to the %d live events the followers got", deliveries, live)
+	}
+	if sum(m, "caddy_progress_delivery_seconds_bucket", `kind="sse"`, `le="+Inf"`) != deliveries {
 		t.Errorf("delivery histogram's +Inf bucket disagrees with its count")
 	}
 

@@ -239,6 +239,7 @@ func slowHandler(w http.ResponseWriter, r *http.Request) {
 		"progress_callback": r.Header.Get("Progress-Callback"),
 		"progress_token":    r.Header.Get("Progress-Token"),
 		"prefer":            r.Header.Get("Prefer"),
+		"traceparent":       r.Header.Get("traceparent"),
 	})
 }
 
