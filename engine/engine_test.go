@@ -111,7 +111,7 @@ func newFixture(t *testing.T, route Route) *fixture {
 }
 
 // start sends a request through the route and returns the recorded response.
-func (f *fixture) start(t *testing.T, prefer string, upstream Upstream) *httptest.ResponseRecorder {
+func (f *fixture) start(t testing.TB, prefer string, upstream Upstream) *httptest.ResponseRecorder {
 	t.Helper()
 	r := httptest.NewRequest("POST", "/reports?x=1", strings.NewReader("body"))
 	if prefer != "" {
@@ -130,7 +130,7 @@ func (f *fixture) start(t *testing.T, prefer string, upstream Upstream) *httptes
 }
 
 // startHeld starts a job whose upstream answers 200 once release is closed.
-func (f *fixture) startHeld(t *testing.T) (id string, release chan struct{}) {
+func (f *fixture) startHeld(t testing.TB) (id string, release chan struct{}) {
 	t.Helper()
 	release = make(chan struct{})
 	w := f.start(t, "respond-async", func(w http.ResponseWriter, r *http.Request) error {
@@ -158,7 +158,7 @@ func (f *fixture) call(t *testing.T, method, target string, header http.Header) 
 	return w
 }
 
-func docOf(t *testing.T, w *httptest.ResponseRecorder) store.Job {
+func docOf(t testing.TB, w *httptest.ResponseRecorder) store.Job {
 	t.Helper()
 	var j store.Job
 	if err := json.Unmarshal(w.Body.Bytes(), &j); err != nil {
