@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -25,6 +26,17 @@ type Metrics struct {
 	delivery          *prometheus.HistogramVec
 	storeCommit       prometheus.Histogram
 	storeWrites       prometheus.Counter
+
+	// finishedBy caches the series of jobsFinished and jobDuration per route and state: a
+	// label lookup hashes every value, on every job.
+	finishedBy sync.Map // finishedKey → finishedSeries
+}
+
+type finishedKey struct{ route, state string }
+
+type finishedSeries struct {
+	count    prometheus.Counter
+	duration prometheus.Observer
 }
 
 const metricsNamespace = "caddy_progress"
@@ -192,10 +204,18 @@ func (m *Metrics) jobFinished(doc *store.Job) {
 	if m == nil || doc == nil {
 		return
 	}
-	state := string(doc.State)
-	m.jobsFinished.WithLabelValues(doc.Route, state).Inc()
+	key := finishedKey{doc.Route, string(doc.State)}
+	v, ok := m.finishedBy.Load(key)
+	if !ok {
+		v, _ = m.finishedBy.LoadOrStore(key, finishedSeries{
+			count:    m.jobsFinished.WithLabelValues(key.route, key.state),
+			duration: m.jobDuration.WithLabelValues(key.route, key.state),
+		})
+	}
+	series := v.(finishedSeries)
+	series.count.Inc()
 	if doc.FinishedAt != nil {
-		m.jobDuration.WithLabelValues(doc.Route, state).Observe(doc.FinishedAt.Sub(doc.CreatedAt).Seconds())
+		series.duration.Observe(doc.FinishedAt.Sub(doc.CreatedAt).Seconds())
 	}
 }
 

@@ -235,23 +235,38 @@ func TestJobTrace(t *testing.T) {
 	}
 }
 
-// TestNoSpanNoTrace: a request without a span (tracing off) makes no trace context, and the
-// upstream gets no traceparent.
+// TestNoSpanNoTrace: a request without a span (tracing off), or with one that was sampled out,
+// makes no span and no trace context, and the upstream gets no traceparent of the job's.
 func TestNoSpanNoTrace(t *testing.T) {
+	recorder := tracetest.NewSpanRecorder()
+	sampledOut := sdktrace.NewTracerProvider(sdktrace.WithSampler(sdktrace.NeverSample()), sdktrace.WithSpanProcessor(recorder))
 	f := newFixture(t, Route{})
-	var seen http.Header
-	w := f.start(t, "respond-async", func(w http.ResponseWriter, r *http.Request) error {
-		seen = r.Header.Clone()
-		return nil
-	})
-	doc := docOf(t, w)
-	waitDone(t, f.st, doc.ID)
-	got, err := f.st.Get(context.Background(), doc.ID)
-	if err != nil {
-		t.Fatal(err)
+	for _, withSpan := range []bool{false, true} {
+		r := httptest.NewRequest("POST", "/reports", nil)
+		r.Header.Set("Prefer", "respond-async")
+		if withSpan {
+			r, _ = traced(t, sampledOut, r, "sampled out")
+		}
+		var seen http.Header
+		w := serveTo(t, func(w http.ResponseWriter, r *http.Request) error {
+			return f.route.Serve(w, r, Owner{}, func(w http.ResponseWriter, r *http.Request) error {
+				seen = r.Header.Clone()
+				return nil
+			})
+		}, r)
+		doc := docOf(t, w)
+		waitDone(t, f.st, doc.ID)
+		got, err := f.st.Get(context.Background(), doc.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Attrs[AttrTraceParent] != "" || seen.Get("traceparent") != "" {
+			t.Fatalf("request span %v: the job keeps %q and the upstream saw %q", withSpan, got.Attrs[AttrTraceParent], seen.Get("traceparent"))
+		}
 	}
-	if got.Attrs[AttrTraceParent] != "" || seen.Get("traceparent") != "" {
-		t.Fatalf("tracing off, yet the job keeps %q and the upstream saw %q", got.Attrs[AttrTraceParent], seen.Get("traceparent"))
+	f.engine.Close()
+	if n := len(recorder.Started()); n != 0 {
+		t.Fatalf("%d spans started for sampled-out requests", n)
 	}
 }
 

@@ -52,7 +52,9 @@ var traceContext propagation.TraceContext
 func requestTracer(r *http.Request) (trace.Tracer, trace.SpanContext) {
 	parent := trace.SpanFromContext(r.Context())
 	sc := parent.SpanContext()
-	if !sc.IsValid() {
+	if !sc.IsValid() || !sc.IsSampled() {
+		// No tracing, or the request was sampled out: the job's spans, new roots, would
+		// otherwise be sampled afresh, and a sampled-out request would still cost their upkeep.
 		return nil, sc
 	}
 	return parent.TracerProvider().Tracer(tracerName), sc
