@@ -95,6 +95,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/caddy-progress/progress/tests/internal/caddyrun"
 	"github.com/caddy-progress/progress/tests/internal/child"
 )
 
@@ -570,28 +571,8 @@ func (h *harness) startUpstream() error {
 	return errors.New("the upstream printed no address within 30s")
 }
 
-// freePorts returns n distinct loopback TCP ports nothing listens on.
-func freePorts(n int) ([]int, error) {
-	var lns []net.Listener
-	defer func() {
-		for _, ln := range lns {
-			ln.Close()
-		}
-	}()
-	var ports []int
-	for range n {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		lns = append(lns, ln)
-		ports = append(ports, ln.Addr().(*net.TCPAddr).Port)
-	}
-	return ports, nil
-}
-
 func (h *harness) startCaddy() error {
-	ports, err := freePorts(3)
+	ports, err := caddyrun.FreePorts(3)
 	if err != nil {
 		return err
 	}

@@ -322,9 +322,9 @@ func (h *hubTarget) makeJobs(_ context.Context, n int) ([]job, error) {
 	jobs := make([]job, n)
 	for i := range jobs {
 		id := fmt.Sprintf("hubjob%06d", i)
-		jobs[i] = job{id: id, token: hubToken(id),
-			callback: "http://" + h.cbAddr + "/_jobs/" + id + "/progress",
-			events:   "https://" + h.tlsAddr + "/_jobs/" + id + "/events"}
+		jobs[i] = job{ID: id, Token: hubToken(id),
+			Callback: "http://" + h.cbAddr + "/_jobs/" + id + "/progress",
+			Events:   "https://" + h.tlsAddr + "/_jobs/" + id + "/events"}
 	}
 	return jobs, nil
 }

@@ -78,19 +78,19 @@ func TestSmokeCaddy(t *testing.T) {
 	}
 	c, err := startCaddy(bin, dir, up)
 	if err != nil {
-		up.close()
+		up.Close()
 		t.Fatal(err)
 	}
 	o := smokeOpts()
 	o.ours[c.pid()] = "caddy"
 	r, err := measure(t.Context(), c, smokeShape, o)
-	up.close()
+	up.Close()
 	c.close()
 	if err != nil {
 		t.Fatal(err)
 	}
 	checkSmoke(t, r)
-	if lines := c.errorLines(); len(lines) > 0 {
+	if lines := c.ErrorLines(); len(lines) > 0 {
 		t.Errorf("caddy logged %d errors, first: %s", len(lines), lines[0])
 	}
 }

@@ -170,7 +170,7 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 			// Watcher w of job j goes on connection (j+w) mod nconns: the watchers of one job
 			// sit on different connections, as different clients would.
 			cl := &http.Client{Transport: transports[(s%sh.jobs+s/sh.jobs)%nconns]}
-			req, _ := http.NewRequestWithContext(subCtx, http.MethodGet, st.events, nil)
+			req, _ := http.NewRequestWithContext(subCtx, http.MethodGet, st.Events, nil)
 			req.Header.Set("Accept", "text/event-stream")
 			resp, err := cl.Do(req)
 			if err != nil {
@@ -288,8 +288,8 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 				body = append(body, `,"message":"k`...)
 				body = strconv.AppendInt(body, k, 10)
 				body = append(body, `"}`...)
-				req, _ := http.NewRequestWithContext(ctx, http.MethodPost, st.callback, bytes.NewReader(body))
-				req.Header.Set("Authorization", "Bearer "+st.token)
+				req, _ := http.NewRequestWithContext(ctx, http.MethodPost, st.Callback, bytes.NewReader(body))
+				req.Header.Set("Authorization", "Bearer "+st.Token)
 				req.Header.Set("Content-Type", "application/json")
 				t0 := int64(time.Since(base))
 				st.sent[k].Store(t0)

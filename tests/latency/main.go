@@ -239,7 +239,7 @@ func runOne(tname, caddyBin, self, dir string, sh shape, o runOpts) (*result, er
 		}
 		c, err := startCaddy(caddyBin, dir, up)
 		if err != nil {
-			up.close()
+			up.Close()
 			return nil, err
 		}
 		c.label = tname
@@ -248,9 +248,9 @@ func runOne(tname, caddyBin, self, dir string, sh shape, o runOpts) (*result, er
 		if res != nil {
 			res.target = tname
 		}
-		up.close() // the jobs end
+		up.Close() // the jobs end
 		c.close()
-		if lines := c.errorLines(); len(lines) > 0 {
+		if lines := c.ErrorLines(); len(lines) > 0 {
 			fmt.Printf("# caddy log: %d error lines, first: %s\n", len(lines), clip(lines[0], 300))
 		}
 		return res, err
