@@ -106,6 +106,10 @@ func main() {
 			os.Exit(loadMain(os.Args[2:]))
 		case "__upstream":
 			os.Exit(upstreamMain(os.Args[2:]))
+		case "__bare":
+			os.Exit(bareMain(os.Args[2:]))
+		case "__idle":
+			os.Exit(idleLoadMain(os.Args[2:]))
 		}
 	}
 	os.Exit(harnessMain(os.Args[1:]))
@@ -127,12 +131,18 @@ type options struct {
 	quietWait    time.Duration
 	keep         bool
 	args         []string
+
+	idleSubs      int
+	idleStreams   int
+	idleSources   int
+	idleJobs      int
+	idleHeartbeat time.Duration
 }
 
 func harnessMain(args []string) int {
 	var o options
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	fs.StringVar(&o.scenario, "scenario", "all", "tune | passthrough | create | sweep | all")
+	fs.StringVar(&o.scenario, "scenario", "all", "tune | passthrough | create | sweep | all | idle")
 	fs.IntVar(&o.conns, "conns", 0, "HTTP/2 connections of the load generator (0: tune, or 2 without tuning)")
 	fs.IntVar(&o.streams, "streams", 0, "concurrent streams per connection (0: tune, or 16 without tuning)")
 	fs.IntVar(&o.rounds, "rounds", 5, "how many times A and B are measured, alternately")
@@ -145,13 +155,18 @@ func harnessMain(args []string) int {
 	fs.StringVar(&o.profile, "profile", "auto", "auto (profile Caddy when a target is missed) | always | never")
 	fs.DurationVar(&o.quietWait, "quiet-wait", 10*time.Minute, "how long, in all, to wait for a quiet machine (before the start and before measurements)")
 	fs.BoolVar(&o.keep, "keep", false, "keep the temporary folder (Caddyfile, logs, store, profiles)")
+	fs.IntVar(&o.idleSubs, "idle-subscribers", 100000, "idle: concurrent SSE subscribers")
+	fs.IntVar(&o.idleStreams, "idle-streams", 200, "idle: streams per HTTP/2 connection (under the servers' 250)")
+	fs.IntVar(&o.idleSources, "idle-sources", 4, "idle: loopback source addresses of the client (127.0.0.1 …)")
+	fs.IntVar(&o.idleJobs, "idle-jobs", 1000, "idle: running jobs the subscribers are spread over")
+	fs.DurationVar(&o.idleHeartbeat, "idle-heartbeat", 15*time.Second, "idle: Caddy's heartbeat setting")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	o.args = args
 	switch {
-	case !oneOf(o.scenario, "tune", "passthrough", "create", "sweep", "all"):
-		fmt.Fprintln(os.Stderr, "bench: -scenario must be tune, passthrough, create, sweep or all")
+	case !oneOf(o.scenario, "tune", "passthrough", "create", "sweep", "all", "idle"):
+		fmt.Fprintln(os.Stderr, "bench: -scenario must be tune, passthrough, create, sweep, all or idle")
 		return 2
 	case !oneOf(o.profile, "auto", "always", "never"):
 		fmt.Fprintln(os.Stderr, "bench: -profile must be auto, always or never")
@@ -159,7 +174,10 @@ func harnessMain(args []string) int {
 	case o.rounds < 1 || o.rounds > 20, o.conns < 0 || o.streams < 0, o.conns*o.streams > 4096,
 		o.duration <= 0 || o.duration > 5*time.Minute, o.warmup < 0 || o.warmup > time.Minute,
 		o.tuneDuration <= 0 || o.tuneDuration > time.Minute, o.tuneWarmup < 0 || o.tuneWarmup > time.Minute,
-		o.quietWait < 0 || o.quietWait > time.Hour:
+		o.quietWait < 0 || o.quietWait > time.Hour,
+		o.idleSubs < 1 || o.idleSubs > 1000000, o.idleStreams < 1 || o.idleStreams > 250,
+		o.idleSources < 1 || o.idleSources > 250, o.idleJobs < 1 || o.idleJobs > 100000,
+		o.idleHeartbeat < time.Second || o.idleHeartbeat > time.Hour:
 		fmt.Fprintln(os.Stderr, "bench: a flag is out of range")
 		return 2
 	}
@@ -238,6 +256,7 @@ type harness struct {
 	quietLeft   time.Duration // what is left of the -quiet-wait budget
 	quietWaited time.Duration // waited before measurements
 	repeated    []string      // measurements repeated because other processes disturbed them
+	idle        []*idleResult // bare, then caddy
 }
 
 // kv is one row of a two-column table.
@@ -280,6 +299,16 @@ func (h *harness) run() error {
 	}
 	if err := h.build(); err != nil {
 		return err
+	}
+	if h.opts.scenario == "idle" {
+		if err := h.runIdle(); err != nil {
+			return err
+		}
+		h.finished = time.Now()
+		h.logf("# end %s, loadavg %s", h.finished.UTC().Format(time.RFC3339), loadavg())
+		fmt.Println()
+		fmt.Println(h.idleTable())
+		return nil
 	}
 	if err := h.startUpstream(); err != nil {
 		return err

@@ -2,18 +2,12 @@ package main
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/hmac"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -24,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/caddy-progress/progress/tests/internal/caddyrun"
 	"github.com/caddy-progress/progress/tests/internal/child"
 )
 
@@ -200,7 +195,7 @@ func (h *hub) events(w http.ResponseWriter, r *http.Request, id string) {
 // serveHub serves the hub: HTTP/2 over TLS on tlsLn (subscribers), HTTP/1.1 on cbLn
 // (callbacks), until ctx ends.
 func serveHub(ctx context.Context, tlsLn, cbLn net.Listener) error {
-	cert, err := selfSigned()
+	cert, err := caddyrun.SelfSigned()
 	if err != nil {
 		return err
 	}
@@ -216,22 +211,6 @@ func serveHub(ctx context.Context, tlsLn, cbLn net.Listener) error {
 	s1.Close()
 	s2.Close()
 	return nil
-}
-
-func selfSigned() (tls.Certificate, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "127.0.0.1"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, KeyUsage: x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }
 
 // hubMain is the hub as its own process (`latency __hub`): it prints "<tls addr> <callback

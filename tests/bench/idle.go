@@ -1,0 +1,432 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/caddy-progress/progress/tests/internal/caddyrun"
+	"github.com/caddy-progress/progress/tests/internal/child"
+)
+
+// The idle scenario (issue #6, scenario 4): how much resident memory an idle SSE subscriber
+// costs Caddy with the plugin, against a bare Go net/http HTTP/2 server whose handler only
+// holds an event stream open (bareMain), in the same run. For each target in turn:
+//
+//  1. start it (Caddy: a fresh store, -idle-jobs running jobs held open by the harness's
+//     upstream, heartbeats every -idle-heartbeat; bare: nothing more);
+//  2. settle (below) and read its RSS: the baseline;
+//  3. start the client (`bench __idle`), which opens -idle-subscribers streams over HTTP/2,
+//     -idle-streams per connection, spread over -idle-sources source addresses and over the
+//     jobs; once every stream is open and has carried what a fresh one carries, settle and
+//     read the RSS: fresh;
+//  4. make every stream carry one event (Caddy: one progress callback per job; bare: its
+//     /fire), wait until the client has seen it on every stream, settle, read the RSS: evented.
+//
+// Settling: ask the target for a heap profile after a GC (/debug/pprof/heap?gc=1, Caddy's
+// admin endpoint and the bare server's admin listener alike), then read VmRSS from
+// /proc/<pid>/status every second until three readings in a row are within 0.5% of each other
+// (at most 60 s). Per subscriber = (RSS − baseline) / subscribers. Target: Caddy ÷ bare ≤ 1.25,
+// fresh and evented.
+
+// idleTarget is one server under the idle measurement.
+type idleTarget struct {
+	name      string
+	pid       int
+	admin     string   // host:port serving /debug/pprof
+	urls      []string // event streams the client spreads its streams over
+	freshData int      // data lines a fresh stream carries
+	fire      func(ctx context.Context) error
+	stop      func()
+	caddy     *caddyrun.Caddy
+}
+
+// idleResult is one target's figures; RSS in kB.
+type idleResult struct {
+	target              string
+	subscribers, conns  int
+	base, fresh, evened int64
+	goroutinesBase      int
+	goroutinesFresh     int
+	goroutinesEvented   int
+	openTime, eventTime time.Duration
+	heapProfiles        []string
+}
+
+func (r *idleResult) perSubFresh() float64 {
+	return float64(r.fresh-r.base) * 1024 / float64(r.subscribers)
+}
+
+func (r *idleResult) perSubEvented() float64 {
+	return float64(r.evened-r.base) * 1024 / float64(r.subscribers)
+}
+
+// raiseNoFile lifts this process's open-file limit (children inherit it): every TCP connection
+// is a descriptor in the client and in the server.
+func raiseNoFile(want uint64) {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return
+	}
+	if lim.Max < want {
+		lim.Max = want // only root may; otherwise the old hard limit stays
+	}
+	lim.Cur = lim.Max
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
+		lim.Cur = lim.Max
+		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
+	}
+	syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
+}
+
+func (h *harness) runIdle() error {
+	raiseNoFile(1 << 20)
+	var lim syscall.Rlimit
+	syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
+	h.logf("\n# idle: %d subscribers, %d streams per connection, %d source addresses, %d jobs, heartbeat %v, open-file limit %d",
+		h.opts.idleSubs, h.opts.idleStreams, h.opts.idleSources, h.opts.idleJobs, h.opts.idleHeartbeat, lim.Cur)
+	for _, name := range []string{"bare", "caddy"} {
+		h.gate("idle " + name)
+		r, err := h.measureIdle(name)
+		if err != nil {
+			return fmt.Errorf("idle %s: %w", name, err)
+		}
+		h.idle = append(h.idle, r)
+	}
+	return nil
+}
+
+func (h *harness) startIdleTarget(name string) (*idleTarget, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	switch name {
+	case "bare":
+		var out syncBuffer
+		p, err := child.Start("bare", h.self, []string{"__bare"}, os.Environ(), h.dir, &out, os.Stderr, nil)
+		if err != nil {
+			return nil, err
+		}
+		line, err := waitFirstLine(p, &out, 30*time.Second)
+		if err != nil {
+			p.Stop(time.Second)
+			return nil, err
+		}
+		f := strings.Fields(line)
+		if len(f) != 2 {
+			p.Stop(time.Second)
+			return nil, fmt.Errorf("bare printed %q", line)
+		}
+		t := &idleTarget{name: name, pid: p.PID(), admin: f[1], urls: []string{"https://" + f[0] + "/events"}, stop: func() { p.Stop(10 * time.Second) }}
+		t.fire = func(ctx context.Context) error {
+			return post(ctx, http.DefaultClient, "http://"+t.admin+"/fire", "", nil)
+		}
+		return t, nil
+	default:
+		up, err := caddyrun.StartUpstream()
+		if err != nil {
+			return nil, err
+		}
+		c, err := caddyrun.Start(h.caddyBin, h.dir, up, caddyrun.Options{Progress: "\t\theartbeat " + h.opts.idleHeartbeat.String()})
+		if err != nil {
+			up.Close()
+			return nil, err
+		}
+		stop := func() { up.Close(); c.Close() }
+		jobs, err := c.MakeJobs(ctx, h.opts.idleJobs)
+		if err != nil {
+			stop()
+			return nil, err
+		}
+		t := &idleTarget{name: name, pid: c.PID(), admin: c.Admin, freshData: 1, stop: stop, caddy: c}
+		for _, j := range jobs {
+			t.urls = append(t.urls, j.Events)
+		}
+		t.fire = func(ctx context.Context) error { return fireCallbacks(ctx, jobs) }
+		h.logf("# idle caddy (pid %d): %d jobs running, %s", c.PID(), len(jobs), strings.ReplaceAll(strings.TrimSpace(c.Caddyfile), "\n", " "))
+		return t, nil
+	}
+}
+
+// fireCallbacks posts one progress report to every job, as its upstream would, 32 at a time.
+func fireCallbacks(ctx context.Context, jobs []caddyrun.Job) error {
+	cl := &http.Client{Timeout: 30 * time.Second}
+	defer cl.CloseIdleConnections()
+	errc := make(chan error, len(jobs))
+	sem := make(chan struct{}, 32)
+	var wg sync.WaitGroup
+	for _, j := range jobs {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			errc <- post(ctx, cl, j.Callback, j.Token, []byte(`{"percent":50,"message":"idle scenario"}`))
+		}()
+	}
+	wg.Wait()
+	close(errc)
+	for err := range errc {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// post sends a POST and wants a 2xx.
+func post(ctx context.Context, cl *http.Client, url, token string, body []byte) error {
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := cl.Do(req)
+	if err != nil {
+		return err
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("POST %s: %s %s", url, resp.Status, b)
+	}
+	return nil
+}
+
+func waitFirstLine(p *child.Proc, out *syncBuffer, limit time.Duration) (string, error) {
+	deadline := time.Now().Add(limit)
+	for time.Now().Before(deadline) {
+		if line, ok := out.firstLine(); ok {
+			return line, nil
+		}
+		if p.Exited() {
+			return "", errors.New("exited at once")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return "", fmt.Errorf("printed nothing within %v", limit)
+}
+
+// lineWatcher passes a child's output lines to a channel (dropping none: the client prints
+// few) and to the harness's log.
+type lineWatcher struct {
+	mu    sync.Mutex
+	part  []byte
+	lines chan string
+}
+
+func (w *lineWatcher) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.part = append(w.part, p...)
+	for {
+		i := bytes.IndexByte(w.part, '\n')
+		if i < 0 {
+			break
+		}
+		line := string(w.part[:i])
+		w.part = w.part[i+1:]
+		select {
+		case w.lines <- line:
+		default: // progress lines nobody waits for
+		}
+	}
+	return len(p), nil
+}
+
+// waitClient waits for a client line starting with want, logging its progress lines.
+func (h *harness) waitClient(lines <-chan string, client *child.Proc, want string, limit time.Duration) error {
+	deadline := time.After(limit)
+	for {
+		select {
+		case line := <-lines:
+			switch {
+			case strings.HasPrefix(line, want):
+				return nil
+			case strings.HasPrefix(line, "failed"):
+				return errors.New("client: " + line)
+			case strings.HasPrefix(line, "progress"):
+				h.logf("#   client %s", line)
+			}
+		case <-deadline:
+			return fmt.Errorf("the client did not say %q within %v", want, limit)
+		case <-time.After(time.Second):
+			if client.Exited() {
+				return errors.New("the client exited")
+			}
+		}
+	}
+}
+
+func (h *harness) measureIdle(name string) (*idleResult, error) {
+	t, err := h.startIdleTarget(name)
+	if err != nil {
+		return nil, err
+	}
+	defer t.stop()
+	n := h.opts.idleSubs
+	r := &idleResult{target: name, subscribers: n, conns: (n + h.opts.idleStreams - 1) / h.opts.idleStreams}
+	r.base = h.settleRSS(t, "baseline")
+	r.goroutinesBase = goroutines(t.admin)
+
+	urls := filepath.Join(h.dir, name+"-urls.txt")
+	if err := os.WriteFile(urls, []byte(strings.Join(t.urls, "\n")+"\n"), 0o600); err != nil {
+		return nil, err
+	}
+	w := &lineWatcher{lines: make(chan string, 64)}
+	start := time.Now()
+	client, err := child.Start("idle-client", h.self, []string{"__idle", "-urls", urls, "-n", strconv.Itoa(n),
+		"-streams", strconv.Itoa(h.opts.idleStreams), "-sources", strconv.Itoa(h.opts.idleSources),
+		"-fresh-data", strconv.Itoa(t.freshData), "-max", "30m"}, os.Environ(), h.dir, w, os.Stderr, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer client.Stop(30 * time.Second)
+	if err := h.waitClient(w.lines, client, "opened", 15*time.Minute); err != nil {
+		return nil, err
+	}
+	r.openTime = time.Since(start)
+	h.logf("# idle %s: %d streams open and fresh in %v", name, n, r.openTime.Truncate(time.Millisecond))
+	r.fresh = h.settleRSS(t, "fresh")
+	r.goroutinesFresh = goroutines(t.admin)
+	h.heapProfile(t, r, "fresh")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	start = time.Now()
+	if err := t.fire(ctx); err != nil {
+		return nil, err
+	}
+	if err := h.waitClient(w.lines, client, "evented", 10*time.Minute); err != nil {
+		return nil, err
+	}
+	r.eventTime = time.Since(start)
+	h.logf("# idle %s: every stream carried an event %v after the first was sent", name, r.eventTime.Truncate(time.Millisecond))
+	r.evened = h.settleRSS(t, "evented")
+	r.goroutinesEvented = goroutines(t.admin)
+	h.heapProfile(t, r, "evented")
+	h.logf("# idle %s: RSS baseline %s kB, fresh %s kB (%s B per subscriber), evented %s kB (%s B per subscriber); goroutines %d / %d / %d",
+		name, commas(r.base), commas(r.fresh), commas(int64(r.perSubFresh())), commas(r.evened), commas(int64(r.perSubEvented())),
+		r.goroutinesBase, r.goroutinesFresh, r.goroutinesEvented)
+	return r, nil
+}
+
+// settleRSS forces a GC in the target, then waits until its RSS holds still; it returns the RSS
+// in kB.
+func (h *harness) settleRSS(t *idleTarget, phase string) int64 {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := caddyrun.FetchProfile(ctx, "http://"+t.admin+"/debug/pprof/heap?gc=1", ""); err != nil {
+		h.logf("# idle %s %s: forcing a GC failed: %v", t.name, phase, err)
+	}
+	start := time.Now()
+	var readings []int64
+	for time.Since(start) < 60*time.Second {
+		readings = append(readings, rssKB(t.pid))
+		if k := len(readings); k >= 3 {
+			lo, hi := min(readings[k-1], readings[k-2], readings[k-3]), max(readings[k-1], readings[k-2], readings[k-3])
+			if float64(hi-lo) <= 0.005*float64(hi) {
+				break
+			}
+		}
+		time.Sleep(time.Second)
+	}
+	rss := readings[len(readings)-1]
+	h.logf("# idle %s %s: RSS %s kB after %v (readings %v)", t.name, phase, commas(rss), time.Since(start).Truncate(time.Second), readings)
+	return rss
+}
+
+// rssKB is VmRSS of /proc/<pid>/status, in kB; -1 if unreadable.
+func rssKB(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return -1
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			f := strings.Fields(v)
+			if len(f) > 0 {
+				n, _ := strconv.ParseInt(f[0], 10, 64)
+				return n
+			}
+		}
+	}
+	return -1
+}
+
+// goroutines reads the target's goroutine count from its pprof endpoint; -1 if it cannot.
+func goroutines(admin string) int {
+	resp, err := http.Get("http://" + admin + "/debug/pprof/goroutine?debug=1")
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	rest, ok := strings.CutPrefix(string(b), "goroutine profile: total ")
+	if !ok {
+		return -1
+	}
+	n, _ := strconv.Atoi(strings.Fields(rest)[0])
+	return n
+}
+
+// heapProfile saves Caddy's heap profile and logs its top (inuse_space): what each idle
+// subscriber holds.
+func (h *harness) heapProfile(t *idleTarget, r *idleResult, phase string) {
+	if t.caddy == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	path := filepath.Join(h.dir, "idle-caddy-"+phase+".heap.pprof")
+	if err := t.caddy.Heap(ctx, path); err != nil {
+		h.logf("# idle heap profile: %v", err)
+		return
+	}
+	r.heapProfiles = append(r.heapProfiles, path)
+	out, err := exec.Command(h.goBin, "tool", "pprof", "-top", "-nodecount=25", "-sample_index=inuse_space", h.caddyBin, path).CombinedOutput()
+	if err != nil {
+		h.logf("# go tool pprof: %v", err)
+	}
+	h.logf("# idle caddy %s: heap in use (go tool pprof -top -sample_index=inuse_space)\n%s", phase, strings.TrimSpace(string(out)))
+}
+
+// idleTable is the idle scenario's table (Markdown): per target, RSS and per-subscriber
+// figures; then Caddy ÷ bare against the 1.25 target, fresh and evented.
+func (h *harness) idleTable() string {
+	var b strings.Builder
+	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
+	w("| server | subscribers | connections | RSS baseline | RSS fresh | per subscriber, fresh | RSS evented | per subscriber, evented | goroutines base / fresh / evented | open all | event on all |\n")
+	w("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+	for _, r := range h.idle {
+		w("| %s | %s | %s | %s kB | %s kB | %s B | %s kB | %s B | %d / %d / %d | %v | %v |\n", r.target, commas(int64(r.subscribers)), commas(int64(r.conns)),
+			commas(r.base), commas(r.fresh), commas(int64(r.perSubFresh())), commas(r.evened), commas(int64(r.perSubEvented())),
+			r.goroutinesBase, r.goroutinesFresh, r.goroutinesEvented, r.openTime.Truncate(time.Millisecond), r.eventTime.Truncate(time.Millisecond))
+	}
+	if len(h.idle) == 2 {
+		bare, caddy := h.idle[0], h.idle[1]
+		for _, phase := range []struct {
+			name       string
+			caddy, ref float64
+		}{{"fresh", caddy.perSubFresh(), bare.perSubFresh()}, {"evented", caddy.perSubEvented(), bare.perSubEvented()}} {
+			ratio := phase.caddy / phase.ref
+			verdict := "met"
+			if ratio > 1.25 || phase.ref <= 0 {
+				verdict = "MISSED"
+			}
+			w("\nCaddy ÷ bare per subscriber, %s: %s (target ≤ 1.25: %s)\n", phase.name, trunc(ratio, 3), verdict)
+		}
+	}
+	return b.String()
+}
