@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	_ "expvar" // on the admin listener only: /debug/vars, the runtime's memory statistics
 	"flag"
 	"fmt"
 	"io"

@@ -137,6 +137,7 @@ type options struct {
 	idleSources   int
 	idleJobs      int
 	idleHeartbeat time.Duration
+	idleCaddyBins []string
 }
 
 func harnessMain(args []string) int {
@@ -160,6 +161,10 @@ func harnessMain(args []string) int {
 	fs.IntVar(&o.idleSources, "idle-sources", 4, "idle: loopback source addresses of the client (127.0.0.1 …)")
 	fs.IntVar(&o.idleJobs, "idle-jobs", 1000, "idle: running jobs the subscribers are spread over")
 	fs.DurationVar(&o.idleHeartbeat, "idle-heartbeat", 15*time.Second, "idle: Caddy's heartbeat setting")
+	fs.Func("idle-caddy-bin", "idle: also measure this prebuilt Caddy (e.g. of another commit), as caddy2, caddy3, …; repeatable", func(v string) error {
+		o.idleCaddyBins = append(o.idleCaddyBins, v)
+		return nil
+	})
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
