@@ -109,7 +109,7 @@ func (h *harness) runIdle() error {
 	syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
 	h.logf("\n# idle: %d subscribers, %d streams per connection, %d source addresses, %d jobs, heartbeat %v, open-file limit %d",
 		h.opts.idleSubs, h.opts.idleStreams, h.opts.idleSources, h.opts.idleJobs, h.opts.idleHeartbeat, lim.Cur)
-	names := []string{"bare", "caddy"}
+	names := []string{"bare", "caddy-floor", "caddy"}
 	for i := range h.opts.idleCaddyBins {
 		names = append(names, fmt.Sprintf("caddy%d", i+2))
 	}
@@ -147,6 +147,24 @@ func (h *harness) startIdleTarget(name string) (*idleTarget, error) {
 		t := &idleTarget{name: name, pid: p.PID(), admin: f[1], urls: []string{"https://" + f[0] + "/events"}, stop: func() { p.Stop(10 * time.Second) }}
 		t.fire = func(ctx context.Context) error {
 			return post(ctx, http.DefaultClient, "http://"+t.admin+"/fire", "", nil)
+		}
+		return t, nil
+	case "caddy-floor":
+		up, err := caddyrun.StartUpstream()
+		if err != nil {
+			return nil, err
+		}
+		c, err := caddyrun.Start(h.caddyBin, h.dir, up, caddyrun.Options{HoldSite: true})
+		if err != nil {
+			up.Close()
+			return nil, err
+		}
+		hold := fmt.Sprintf("https://127.0.0.1:%d/events", c.HoldPort)
+		t := &idleTarget{name: name, pid: c.PID(), admin: c.Admin, urls: []string{hold}, freshData: 1, stop: func() { up.Close(); c.Close() }, caddy: c}
+		t.fire = func(ctx context.Context) error {
+			cl := caddyrun.H2Client()
+			defer cl.CloseIdleConnections()
+			return post(ctx, cl, hold, "", nil)
 		}
 		return t, nil
 	default:
@@ -500,23 +518,48 @@ func (h *harness) idleTable() string {
 				commas(p.x.raw), commas(p.x.held), per, stack, raw, p.g)
 		}
 	}
-	bare := h.idle[0]
-	for _, caddy := range h.idle[1:] {
-		w("\nOpening every stream took %v (bare) and %v (%s); one event reached every stream %v and %v after the first was sent.\n",
-			bare.openTime.Truncate(time.Millisecond), caddy.openTime.Truncate(time.Millisecond), caddy.target, bare.eventTime.Truncate(time.Millisecond), caddy.eventTime.Truncate(time.Millisecond))
-		for _, phase := range []string{"fresh", "evented"} {
-			x, y := caddy.fresh, bare.fresh
-			if phase == "evented" {
-				x, y = caddy.evened, bare.evened
-			}
-			ratio := caddy.perSub(x) / bare.perSub(y)
-			verdict := "met"
-			if ratio > 1.25 || bare.perSub(y) <= 0 {
-				verdict = "MISSED"
-			}
-			w("\n%s ÷ bare per subscriber, %s: %s (target ≤ 1.25: %s; of raw RSS: %s)\n", caddy.target, phase, trunc(ratio, 3), verdict,
-				trunc(caddy.perSubRaw(x)/bare.perSubRaw(y), 3))
+	if len(h.idle) == 0 {
+		return b.String()
+	}
+	w("\n| server | open every stream | one event on every stream |\n|---|--:|--:|\n")
+	for _, r := range h.idle {
+		w("| %s | %v | %v |\n", r.target, r.openTime.Truncate(time.Millisecond), r.eventTime.Truncate(time.Millisecond))
+	}
+	var floor *idleResult
+	for _, r := range h.idle {
+		if r.target == "caddy-floor" {
+			floor = r
 		}
 	}
+	w("\n| ratio of memory per subscriber (RSS less free heap) | fresh | evented | of raw RSS, fresh / evented |\n|---|--:|--:|--:|\n")
+	ratio := func(a, b *idleResult, x, y func(*idleResult) rssReading) (float64, float64) {
+		return a.perSub(x(a)) / b.perSub(y(b)), a.perSubRaw(x(a)) / b.perSubRaw(y(b))
+	}
+	fresh := func(r *idleResult) rssReading { return r.fresh }
+	evented := func(r *idleResult) rssReading { return r.evened }
+	var verdicts []string
+	for _, r := range h.idle[1:] {
+		for _, ref := range []*idleResult{h.idle[0], floor} {
+			if ref == nil || ref == r { // against the floor: the plugin's builds only
+				continue
+			}
+			f, fr := ratio(r, ref, fresh, fresh)
+			e, er := ratio(r, ref, evented, evented)
+			w("| %s ÷ %s | %s | %s | %s / %s |\n", r.target, ref.target, trunc(f, 3), trunc(e, 3), trunc(fr, 3), trunc(er, 3))
+			if r.target == "caddy" && ref == h.idle[0] {
+				for _, v := range []struct {
+					phase string
+					x     float64
+				}{{"fresh", f}, {"evented", e}} {
+					verdict := "met"
+					if v.x > 1.25 || v.x <= 0 {
+						verdict = "MISSED"
+					}
+					verdicts = append(verdicts, fmt.Sprintf("Target: Caddy with the plugin ÷ bare net/http ≤ 1.25, %s: %s (%s)", v.phase, trunc(v.x, 3), verdict))
+				}
+			}
+		}
+	}
+	w("\n%s\n", strings.Join(verdicts, "\n\n"))
 	return b.String()
 }

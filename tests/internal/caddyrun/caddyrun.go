@@ -154,6 +154,9 @@ type Options struct {
 	Store string
 	// Env is extra environment for Caddy (e.g. GODEBUG=gctrace=1).
 	Env []string
+	// HoldSite adds https://127.0.0.1:<HoldPort> served by bench_hold alone (tests/caddy's
+	// handler that only holds an event stream open: Caddy's own cost per stream).
+	HoldSite bool
 }
 
 // Caddy is one running Caddy with the plugin.
@@ -163,6 +166,7 @@ type Caddy struct {
 	Admin     string // host:port of the admin endpoint
 	TLSPort   int    // https://127.0.0.1:TLSPort: progress_api + progress + reverse_proxy
 	CBPort    int    // http://127.0.0.1:CBPort: progress_api, for callbacks
+	HoldPort  int    // with Options.HoldSite: https://127.0.0.1:HoldPort, bench_hold
 	LogPath   string
 	Caddyfile string
 	up        *Upstream
@@ -196,11 +200,16 @@ func Prepare(bin, parent string, up *Upstream, o Options) (*Caddy, error) {
 	if err != nil {
 		return nil, err
 	}
-	ports, err := FreePorts(3)
+	ports, err := FreePorts(4)
 	if err != nil {
 		return nil, err
 	}
 	c := &Caddy{Dir: dir, up: up, Admin: "127.0.0.1:" + strconv.Itoa(ports[0]), TLSPort: ports[1], CBPort: ports[2]}
+	holdSite := ""
+	if o.HoldSite {
+		c.HoldPort = ports[3]
+		holdSite = fmt.Sprintf("\nhttps://127.0.0.1:%d {\n\tbind 127.0.0.1\n\ttls internal\n\troute {\n\t\tbench_hold\n\t}\n}\n", c.HoldPort)
+	}
 	protocols := "h1 h2"
 	if o.HTTP3 {
 		protocols = "h1 h2 h3"
@@ -237,7 +246,7 @@ http://127.0.0.1:%[5]d {
 	bind 127.0.0.1
 	progress_api
 }
-`, c.Admin, filepath.Join(dir, "storage"), storePath, c.TLSPort, c.CBPort, up.Addr(), protocols, o.Progress)
+`, c.Admin, filepath.Join(dir, "storage"), storePath, c.TLSPort, c.CBPort, up.Addr(), protocols, o.Progress) + holdSite
 	if err := os.WriteFile(filepath.Join(dir, "Caddyfile"), []byte(c.Caddyfile), 0o600); err != nil {
 		return nil, err
 	}
