@@ -500,6 +500,9 @@ func (h *harness) heapProfile(t *idleTarget, r *idleResult, phase string) {
 // idleTable is the idle scenario's table (Markdown): per target and phase, the memory per
 // subscriber beyond the baseline; then Caddy ÷ bare against the 1.25 target, fresh and evented.
 func (h *harness) idleTable() string {
+	if len(h.idle) == 0 {
+		return ""
+	}
 	var b strings.Builder
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
 	w("| server | subscribers | connections | phase | RSS | RSS less free heap | per subscriber | of it goroutine stack | per subscriber, raw RSS | goroutines |\n")
@@ -517,9 +520,6 @@ func (h *harness) idleTable() string {
 			w("| %s | %s | %s | %s | %s kB | %s kB | %s | %s | %s | %d |\n", r.target, commas(int64(r.subscribers)), commas(int64(r.conns)), p.name,
 				commas(p.x.raw), commas(p.x.held), per, stack, raw, p.g)
 		}
-	}
-	if len(h.idle) == 0 {
-		return b.String()
 	}
 	w("\n| server | open every stream | one event on every stream |\n|---|--:|--:|\n")
 	for _, r := range h.idle {

@@ -138,12 +138,19 @@ type options struct {
 	idleJobs      int
 	idleHeartbeat time.Duration
 	idleCaddyBins []string
+
+	lpPollers int
+	lpJobs    int
+	lpRate    float64
+	lpStreams int
+	lpWarmup  time.Duration
+	lpWindow  time.Duration
 }
 
 func harnessMain(args []string) int {
 	var o options
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	fs.StringVar(&o.scenario, "scenario", "all", "tune | passthrough | create | sweep | all | idle")
+	fs.StringVar(&o.scenario, "scenario", "all", "tune | passthrough | create | sweep | all (issue 3) | idle | longpoll | scale (issue 6: idle, longpoll)")
 	fs.IntVar(&o.conns, "conns", 0, "HTTP/2 connections of the load generator (0: tune, or 2 without tuning)")
 	fs.IntVar(&o.streams, "streams", 0, "concurrent streams per connection (0: tune, or 16 without tuning)")
 	fs.IntVar(&o.rounds, "rounds", 5, "how many times A and B are measured, alternately")
@@ -161,6 +168,12 @@ func harnessMain(args []string) int {
 	fs.IntVar(&o.idleSources, "idle-sources", 4, "idle: loopback source addresses of the client (127.0.0.1 …)")
 	fs.IntVar(&o.idleJobs, "idle-jobs", 1000, "idle: running jobs the subscribers are spread over")
 	fs.DurationVar(&o.idleHeartbeat, "idle-heartbeat", 15*time.Second, "idle: Caddy's heartbeat setting")
+	fs.IntVar(&o.lpPollers, "lp-pollers", 10000, "longpoll: concurrent long-pollers")
+	fs.IntVar(&o.lpJobs, "lp-jobs", 1000, "longpoll: running jobs the pollers are spread over")
+	fs.Float64Var(&o.lpRate, "lp-rate", 1, "longpoll: progress reports per second per job")
+	fs.IntVar(&o.lpStreams, "lp-streams", 100, "longpoll: long-polls per HTTP/2 connection")
+	fs.DurationVar(&o.lpWarmup, "lp-warmup", 5*time.Second, "longpoll: reporting before the window")
+	fs.DurationVar(&o.lpWindow, "lp-window", 20*time.Second, "longpoll: the measured window")
 	fs.Func("idle-caddy-bin", "idle: also measure this prebuilt Caddy (e.g. of another commit), as caddy2, caddy3, …; repeatable", func(v string) error {
 		o.idleCaddyBins = append(o.idleCaddyBins, v)
 		return nil
@@ -170,8 +183,8 @@ func harnessMain(args []string) int {
 	}
 	o.args = args
 	switch {
-	case !oneOf(o.scenario, "tune", "passthrough", "create", "sweep", "all", "idle"):
-		fmt.Fprintln(os.Stderr, "bench: -scenario must be tune, passthrough, create, sweep, all or idle")
+	case !oneOf(o.scenario, "tune", "passthrough", "create", "sweep", "all", "idle", "longpoll", "scale"):
+		fmt.Fprintln(os.Stderr, "bench: -scenario must be tune, passthrough, create, sweep, all, idle, longpoll or scale")
 		return 2
 	case !oneOf(o.profile, "auto", "always", "never"):
 		fmt.Fprintln(os.Stderr, "bench: -profile must be auto, always or never")
@@ -182,7 +195,9 @@ func harnessMain(args []string) int {
 		o.quietWait < 0 || o.quietWait > time.Hour,
 		o.idleSubs < 1 || o.idleSubs > 1000000, o.idleStreams < 1 || o.idleStreams > 250,
 		o.idleSources < 1 || o.idleSources > 250, o.idleJobs < 1 || o.idleJobs > 100000,
-		o.idleHeartbeat < time.Second || o.idleHeartbeat > time.Hour:
+		o.idleHeartbeat < time.Second || o.idleHeartbeat > time.Hour,
+		o.lpJobs < 1 || o.lpPollers < o.lpJobs || o.lpPollers > 200000, o.lpRate <= 0 || o.lpRate > 100,
+		o.lpStreams < 1 || o.lpStreams > 250, o.lpWarmup < 0 || o.lpWarmup > time.Minute, o.lpWindow < time.Second || o.lpWindow > 5*time.Minute:
 		fmt.Fprintln(os.Stderr, "bench: a flag is out of range")
 		return 2
 	}
@@ -262,6 +277,7 @@ type harness struct {
 	quietWaited time.Duration // waited before measurements
 	repeated    []string      // measurements repeated because other processes disturbed them
 	idle        []*idleResult // bare, then caddy
+	longpoll    *longpollResult
 }
 
 // kv is one row of a two-column table.
@@ -305,15 +321,8 @@ func (h *harness) run() error {
 	if err := h.build(); err != nil {
 		return err
 	}
-	if h.opts.scenario == "idle" {
-		if err := h.runIdle(); err != nil {
-			return err
-		}
-		h.finished = time.Now()
-		h.logf("# end %s, loadavg %s", h.finished.UTC().Format(time.RFC3339), loadavg())
-		fmt.Println()
-		fmt.Println(h.idleTable())
-		return nil
+	if oneOf(h.opts.scenario, "idle", "longpoll", "scale") {
+		return h.runScale()
 	}
 	if err := h.startUpstream(); err != nil {
 		return err

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -19,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/caddy-progress/progress/tests/internal/samples"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -432,38 +432,10 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 	return res, nil
 }
 
-// messageKey finds report k in `"message":"k<k>"` of a job document, without decoding the
-// whole document (at 100,000 events a second a full json.Unmarshal in the harness would cost
-// more CPU than the target under test). -1 when there is none (the first document).
-func messageKey(data []byte) int64 {
-	const marker = `"message":"k`
-	i := bytes.Index(data, []byte(marker))
-	if i < 0 {
-		return -1
-	}
-	var k int64
-	n := 0
-	for _, c := range data[i+len(marker):] {
-		if c < '0' || c > '9' {
-			break
-		}
-		k = k*10 + int64(c-'0')
-		n++
-	}
-	if n == 0 {
-		return -1
-	}
-	return k
-}
-
-// pct is the q-quantile of sorted xs by nearest rank.
-func pct(xs []int64, q float64) int64 {
-	if len(xs) == 0 {
-		return -1
-	}
-	i := int(math.Ceil(float64(len(xs))*q)) - 1
-	return xs[min(max(i, 0), len(xs)-1)]
-}
+var (
+	messageKey = samples.MessageKey
+	pct        = samples.Pct
+)
 
 // fsyncProbe writes 4 KiB and fdatasyncs a file in dir every 50 ms until end, and returns how
 // long each took: what one durable write costs on this disk while the measurement runs (a
