@@ -290,5 +290,8 @@ func (h *harness) runScale() error {
 	fmt.Println()
 	fmt.Println(h.idleTable())
 	fmt.Println(h.longpollTable())
+	if h.opts.write {
+		return h.writeScaleSection()
+	}
 	return nil
 }

@@ -34,6 +34,15 @@
 //	all          tune (unless -conns and -streams are given), passthrough, create, sweep
 //	             (default)
 //
+// The scenarios of issue #6 (scale), each with its own flags (-idle-*, -lp-*) and its own
+// section of BENCHMARKS.md ("## Scale (issue 6)", with -write; ./xcaddy.sh bench-scale):
+//
+//	idle         100,000 idle SSE subscribers over HTTP/2: resident memory per subscriber of
+//	             Caddy with the plugin against a bare net/http server and a Caddy floor, fresh
+//	             and after one event on every stream (idle.go)
+//	longpoll     10,000 long-pollers on 1,000 reporting jobs: wake-up latency (longpoll.go)
+//	scale        idle, then longpoll
+//
 // What runs, all on loopback, each as its own process (and process group, stopped at the end,
 // also on failure or Ctrl-C; the kernel kills them if the harness dies):
 //
@@ -158,7 +167,7 @@ func harnessMain(args []string) int {
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "measured window")
 	fs.DurationVar(&o.tuneWarmup, "tune-warmup", 2*time.Second, "warm-up of each tuning measurement")
 	fs.DurationVar(&o.tuneDuration, "tune-duration", 5*time.Second, "window of each tuning measurement")
-	fs.BoolVar(&o.write, "write", false, `write the "Caddy plugin (issue 3)" section of BENCHMARKS.md`)
+	fs.BoolVar(&o.write, "write", false, `write the "Caddy plugin (issue 3)" section of BENCHMARKS.md, or with idle, longpoll, scale the "Scale (issue 6)" one`)
 	fs.StringVar(&o.benchFile, "benchmarks", "", "the file -write updates (default BENCHMARKS.md at the module root)")
 	fs.StringVar(&o.profile, "profile", "auto", "auto (profile Caddy when a target is missed) | always | never")
 	fs.DurationVar(&o.quietWait, "quiet-wait", 10*time.Minute, "how long, in all, to wait for a quiet machine (before the start and before measurements)")
@@ -380,7 +389,7 @@ func (h *harness) run() error {
 		if path == "" {
 			path = filepath.Join(h.root, "BENCHMARKS.md")
 		}
-		if err := writeSection(path, h.section(report)); err != nil {
+		if err := writeSection(path, sectionTitle, h.section(report)); err != nil {
 			return err
 		}
 		fmt.Printf("wrote the %q section of %s\n", sectionTitle, path)
