@@ -285,11 +285,17 @@ func (h *harness) runScale() error {
 			return err
 		}
 	}
+	if s == "restart" || s == "scale" {
+		if err := h.runRestart(); err != nil {
+			return err
+		}
+	}
 	h.finished = time.Now()
 	h.logf("# end %s, loadavg %s", h.finished.UTC().Format(time.RFC3339), loadavg())
 	fmt.Println()
 	fmt.Println(h.idleTable())
 	fmt.Println(h.longpollTable())
+	fmt.Println(h.restartTable())
 	if h.opts.write {
 		return h.writeScaleSection()
 	}

@@ -41,7 +41,8 @@
 //	             Caddy with the plugin against a bare net/http server and a Caddy floor, fresh
 //	             and after one event on every stream (idle.go)
 //	longpoll     10,000 long-pollers on 1,000 reporting jobs: wake-up latency (longpoll.go)
-//	scale        idle, then longpoll
+//	restart      start to first answer with 1,000,000 finished jobs in the store (restart.go)
+//	scale        idle, longpoll, restart
 //
 // What runs, all on loopback, each as its own process (and process group, stopped at the end,
 // also on failure or Ctrl-C; the kernel kills them if the harness dies):
@@ -119,6 +120,8 @@ func main() {
 			os.Exit(bareMain(os.Args[2:]))
 		case "__idle":
 			os.Exit(idleLoadMain(os.Args[2:]))
+		case "__fill":
+			os.Exit(fillMain(os.Args[2:]))
 		}
 	}
 	os.Exit(harnessMain(os.Args[1:]))
@@ -154,12 +157,15 @@ type options struct {
 	lpStreams int
 	lpWarmup  time.Duration
 	lpWindow  time.Duration
+
+	restartJobs   int
+	restartRounds int
 }
 
 func harnessMain(args []string) int {
 	var o options
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	fs.StringVar(&o.scenario, "scenario", "all", "tune | passthrough | create | sweep | all (issue 3) | idle | longpoll | scale (issue 6: idle, longpoll)")
+	fs.StringVar(&o.scenario, "scenario", "all", "tune | passthrough | create | sweep | all (issue 3) | idle | longpoll | restart | scale (issue 6: idle, longpoll, restart)")
 	fs.IntVar(&o.conns, "conns", 0, "HTTP/2 connections of the load generator (0: tune, or 2 without tuning)")
 	fs.IntVar(&o.streams, "streams", 0, "concurrent streams per connection (0: tune, or 16 without tuning)")
 	fs.IntVar(&o.rounds, "rounds", 5, "how many times A and B are measured, alternately")
@@ -183,6 +189,8 @@ func harnessMain(args []string) int {
 	fs.IntVar(&o.lpStreams, "lp-streams", 100, "longpoll: long-polls per HTTP/2 connection")
 	fs.DurationVar(&o.lpWarmup, "lp-warmup", 5*time.Second, "longpoll: reporting before the window")
 	fs.DurationVar(&o.lpWindow, "lp-window", 20*time.Second, "longpoll: the measured window")
+	fs.IntVar(&o.restartJobs, "restart-jobs", 1000000, "restart: finished jobs in the full store")
+	fs.IntVar(&o.restartRounds, "restart-rounds", 3, "restart: starts on each store, alternated")
 	fs.Func("idle-caddy-bin", "idle: also measure this prebuilt Caddy (e.g. of another commit), as caddy2, caddy3, …; repeatable", func(v string) error {
 		o.idleCaddyBins = append(o.idleCaddyBins, v)
 		return nil
@@ -192,8 +200,8 @@ func harnessMain(args []string) int {
 	}
 	o.args = args
 	switch {
-	case !oneOf(o.scenario, "tune", "passthrough", "create", "sweep", "all", "idle", "longpoll", "scale"):
-		fmt.Fprintln(os.Stderr, "bench: -scenario must be tune, passthrough, create, sweep, all, idle, longpoll or scale")
+	case !oneOf(o.scenario, "tune", "passthrough", "create", "sweep", "all", "idle", "longpoll", "restart", "scale"):
+		fmt.Fprintln(os.Stderr, "bench: -scenario must be tune, passthrough, create, sweep, all, idle, longpoll, restart or scale")
 		return 2
 	case !oneOf(o.profile, "auto", "always", "never"):
 		fmt.Fprintln(os.Stderr, "bench: -profile must be auto, always or never")
@@ -206,7 +214,8 @@ func harnessMain(args []string) int {
 		o.idleSources < 1 || o.idleSources > 250, o.idleJobs < 1 || o.idleJobs > 100000,
 		o.idleHeartbeat < time.Second || o.idleHeartbeat > time.Hour,
 		o.lpJobs < 1 || o.lpPollers < o.lpJobs || o.lpPollers > 200000, o.lpRate <= 0 || o.lpRate > 100,
-		o.lpStreams < 1 || o.lpStreams > 250, o.lpWarmup < 0 || o.lpWarmup > time.Minute, o.lpWindow < time.Second || o.lpWindow > 5*time.Minute:
+		o.lpStreams < 1 || o.lpStreams > 250, o.lpWarmup < 0 || o.lpWarmup > time.Minute, o.lpWindow < time.Second || o.lpWindow > 5*time.Minute,
+		o.restartJobs < 2 || o.restartJobs > 5000000, o.restartRounds < 1 || o.restartRounds > 10:
 		fmt.Fprintln(os.Stderr, "bench: a flag is out of range")
 		return 2
 	}
@@ -287,6 +296,7 @@ type harness struct {
 	repeated    []string      // measurements repeated because other processes disturbed them
 	idle        []*idleResult // bare, then caddy
 	longpoll    *longpollResult
+	restart     []*restartResult // 1 job, then -restart-jobs
 }
 
 // kv is one row of a two-column table.
@@ -330,7 +340,7 @@ func (h *harness) run() error {
 	if err := h.build(); err != nil {
 		return err
 	}
-	if oneOf(h.opts.scenario, "idle", "longpoll", "scale") {
+	if oneOf(h.opts.scenario, "idle", "longpoll", "restart", "scale") {
 		return h.runScale()
 	}
 	if err := h.startUpstream(); err != nil {

@@ -57,6 +57,15 @@ func (h *harness) scaleSection() string {
 		w("update is durable (204) before it wakes anyone. Window %v after %v of warm-up.\n\n", h.opts.lpWindow, h.opts.lpWarmup)
 		w("%s\n", h.longpollTable())
 	}
+	if len(h.restart) == 2 {
+		w("### Restart with a full store (scenario 6)\n\n")
+		w("A helper process (`bench __fill`) fills a store through the store package: each job created, its 29-byte\n")
+		w("result written, finished (256 at a time, so commits group). Caddy is then started on that file in a fresh\n")
+		w("folder, %d times alternately with a store of one job, and timed from just before the process starts to the\n", h.opts.restartRounds)
+		w("first `200` for `GET /_jobs/<first job>` on its plain-HTTP `progress_api` site (polled every 5 ms): an\n")
+		w("answer that needs the store open.\n\n")
+		w("%s\n", h.restartTable())
+	}
 	w("%s\n\n", analysisTitle)
 	w("%s", analysisPlaceholder)
 	w("### Raw output\n\n```\n%s```\n", h.raw.String())
