@@ -129,7 +129,7 @@ func (h *harness) startIdleTarget(name string) (*idleTarget, error) {
 	defer cancel()
 	switch name {
 	case "bare":
-		var out syncBuffer
+		var out child.Output
 		p, err := child.Start("bare", h.self, []string{"__bare"}, os.Environ(), h.dir, &out, os.Stderr, nil)
 		if err != nil {
 			return nil, err
@@ -243,10 +243,10 @@ func post(ctx context.Context, cl *http.Client, url, token string, body []byte) 
 	return nil
 }
 
-func waitFirstLine(p *child.Proc, out *syncBuffer, limit time.Duration) (string, error) {
+func waitFirstLine(p *child.Proc, out *child.Output, limit time.Duration) (string, error) {
 	deadline := time.Now().Add(limit)
 	for time.Now().Before(deadline) {
-		if line, ok := out.firstLine(); ok {
+		if line, ok := out.FirstLine(); ok {
 			return line, nil
 		}
 		if p.Exited() {

@@ -290,12 +290,18 @@ func (h *harness) runScale() error {
 			return err
 		}
 	}
+	if s == "fanout" || s == "scale" {
+		if err := h.runFanout(); err != nil {
+			return err
+		}
+	}
 	h.finished = time.Now()
 	h.logf("# end %s, loadavg %s", h.finished.UTC().Format(time.RFC3339), loadavg())
 	fmt.Println()
 	fmt.Println(h.idleTable())
 	fmt.Println(h.longpollTable())
 	fmt.Println(h.restartTable())
+	fmt.Println(h.fanoutTable())
 	if h.opts.write {
 		return h.writeScaleSection()
 	}

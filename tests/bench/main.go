@@ -42,7 +42,9 @@
 //	             and after one event on every stream (idle.go)
 //	longpoll     10,000 long-pollers on 1,000 reporting jobs: wake-up latency (longpoll.go)
 //	restart      start to first answer with 1,000,000 finished jobs in the store (restart.go)
-//	scale        idle, longpoll, restart
+//	fanout       10,000 SSE subscribers on 1,000 jobs, 10,000 deliveries/s, over HTTP/2 and
+//	             HTTP/3: callback-to-delivery latency (fanout.go, tests/internal/fanout)
+//	scale        idle, longpoll, restart, fanout
 //
 // What runs, all on loopback, each as its own process (and process group, stopped at the end,
 // also on failure or Ctrl-C; the kernel kills them if the harness dies):
@@ -82,7 +84,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -101,12 +102,12 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
 	"github.com/caddy-progress/progress/tests/internal/caddyrun"
 	"github.com/caddy-progress/progress/tests/internal/child"
+	"github.com/caddy-progress/progress/tests/internal/fanout"
 )
 
 func main() {
@@ -122,6 +123,8 @@ func main() {
 			os.Exit(idleLoadMain(os.Args[2:]))
 		case "__fill":
 			os.Exit(fillMain(os.Args[2:]))
+		case "__hub":
+			os.Exit(fanout.HubMain(os.Args[2:]))
 		}
 	}
 	os.Exit(harnessMain(os.Args[1:]))
@@ -160,12 +163,17 @@ type options struct {
 
 	restartJobs   int
 	restartRounds int
+
+	fanShape  string
+	fanWarmup time.Duration
+	fanWindow time.Duration
+	fanRounds int
 }
 
 func harnessMain(args []string) int {
 	var o options
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	fs.StringVar(&o.scenario, "scenario", "all", "tune | passthrough | create | sweep | all (issue 3) | idle | longpoll | restart | scale (issue 6: idle, longpoll, restart)")
+	fs.StringVar(&o.scenario, "scenario", "all", "tune | passthrough | create | sweep | all (issue 3) | idle | longpoll | restart | fanout | scale (issue 6: all four)")
 	fs.IntVar(&o.conns, "conns", 0, "HTTP/2 connections of the load generator (0: tune, or 2 without tuning)")
 	fs.IntVar(&o.streams, "streams", 0, "concurrent streams per connection (0: tune, or 16 without tuning)")
 	fs.IntVar(&o.rounds, "rounds", 5, "how many times A and B are measured, alternately")
@@ -191,6 +199,10 @@ func harnessMain(args []string) int {
 	fs.DurationVar(&o.lpWindow, "lp-window", 20*time.Second, "longpoll: the measured window")
 	fs.IntVar(&o.restartJobs, "restart-jobs", 1000000, "restart: finished jobs in the full store")
 	fs.IntVar(&o.restartRounds, "restart-rounds", 3, "restart: starts on each store, alternated")
+	fs.StringVar(&o.fanShape, "fan-shape", "1000x10x1", "fanout: JOBSxSUBSCRIBERSxREPORTS_PER_SECOND (comma-separated for several)")
+	fs.DurationVar(&o.fanWarmup, "fan-warmup", 5*time.Second, "fanout: reporting before the window")
+	fs.DurationVar(&o.fanWindow, "fan-window", 20*time.Second, "fanout: the measured window")
+	fs.IntVar(&o.fanRounds, "fan-rounds", 1, "fanout: rounds (every target and protocol in each)")
 	fs.Func("idle-caddy-bin", "idle: also measure this prebuilt Caddy (e.g. of another commit), as caddy2, caddy3, …; repeatable", func(v string) error {
 		o.idleCaddyBins = append(o.idleCaddyBins, v)
 		return nil
@@ -200,8 +212,8 @@ func harnessMain(args []string) int {
 	}
 	o.args = args
 	switch {
-	case !oneOf(o.scenario, "tune", "passthrough", "create", "sweep", "all", "idle", "longpoll", "restart", "scale"):
-		fmt.Fprintln(os.Stderr, "bench: -scenario must be tune, passthrough, create, sweep, all, idle, longpoll, restart or scale")
+	case !oneOf(o.scenario, "tune", "passthrough", "create", "sweep", "all", "idle", "longpoll", "restart", "fanout", "scale"):
+		fmt.Fprintln(os.Stderr, "bench: -scenario must be tune, passthrough, create, sweep, all, idle, longpoll, restart, fanout or scale")
 		return 2
 	case !oneOf(o.profile, "auto", "always", "never"):
 		fmt.Fprintln(os.Stderr, "bench: -profile must be auto, always or never")
@@ -215,7 +227,8 @@ func harnessMain(args []string) int {
 		o.idleHeartbeat < time.Second || o.idleHeartbeat > time.Hour,
 		o.lpJobs < 1 || o.lpPollers < o.lpJobs || o.lpPollers > 200000, o.lpRate <= 0 || o.lpRate > 100,
 		o.lpStreams < 1 || o.lpStreams > 250, o.lpWarmup < 0 || o.lpWarmup > time.Minute, o.lpWindow < time.Second || o.lpWindow > 5*time.Minute,
-		o.restartJobs < 2 || o.restartJobs > 5000000, o.restartRounds < 1 || o.restartRounds > 10:
+		o.restartJobs < 2 || o.restartJobs > 5000000, o.restartRounds < 1 || o.restartRounds > 10,
+		o.fanWarmup < 0 || o.fanWarmup > time.Minute, o.fanWindow < 2*time.Second || o.fanWindow > 5*time.Minute, o.fanRounds < 1 || o.fanRounds > 10:
 		fmt.Fprintln(os.Stderr, "bench: a flag is out of range")
 		return 2
 	}
@@ -297,6 +310,8 @@ type harness struct {
 	idle        []*idleResult // bare, then caddy
 	longpoll    *longpollResult
 	restart     []*restartResult // 1 job, then -restart-jobs
+	fanout      []fanout.Summary
+	fanoutArgs  []string
 }
 
 // kv is one row of a two-column table.
@@ -340,7 +355,7 @@ func (h *harness) run() error {
 	if err := h.build(); err != nil {
 		return err
 	}
-	if oneOf(h.opts.scenario, "idle", "longpoll", "restart", "scale") {
+	if oneOf(h.opts.scenario, "idle", "longpoll", "restart", "fanout", "scale") {
 		return h.runScale()
 	}
 	if err := h.startUpstream(); err != nil {
@@ -609,7 +624,7 @@ func (h *harness) build() error {
 }
 
 func (h *harness) startUpstream() error {
-	var out syncBuffer
+	var out child.Output
 	p, err := child.Start("upstream", h.self, []string{"__upstream", "-addr", "127.0.0.1:0"}, os.Environ(), h.dir, &out, os.Stderr, nil)
 	if err != nil {
 		return err
@@ -617,7 +632,7 @@ func (h *harness) startUpstream() error {
 	h.upstream = p
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
-		if line, ok := out.firstLine(); ok {
+		if line, ok := out.FirstLine(); ok {
 			if _, _, err := net.SplitHostPort(line); err != nil {
 				return fmt.Errorf("upstream printed %q, not an address", line)
 			}
@@ -785,34 +800,6 @@ func clip(s string, n int) string {
 		return s
 	}
 	return s[:n] + "…"
-}
-
-// syncBuffer collects a child's stdout.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) firstLine() (string, bool) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	line, err := bufio.NewReader(bytes.NewReader(b.buf.Bytes())).ReadString('\n')
-	if err != nil {
-		return "", false
-	}
-	return strings.TrimSpace(line), true
-}
-
-func (b *syncBuffer) bytes() []byte {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return bytes.Clone(b.buf.Bytes())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -999,7 +986,7 @@ func (h *harness) measureOnce(name, scenario, site string, conns, streams int, w
 		args = append(args, "-body", sp.body)
 	}
 	sizeBefore := fileSize(h.storePath)
-	var stdout syncBuffer
+	var stdout child.Output
 	snaps := make(chan cpuSnapshot, 2)
 	writes := make(chan int64, 2)
 	caddyPid := h.caddy.PID()
@@ -1027,7 +1014,7 @@ func (h *harness) measureOnce(name, scenario, site string, conns, streams int, w
 		return nil, fmt.Errorf("%v\n%s", err, stderr.String())
 	}
 	res := new(loadResult)
-	if err := json.Unmarshal(stdout.bytes(), res); err != nil {
+	if err := json.Unmarshal(stdout.Bytes(), res); err != nil {
 		return nil, fmt.Errorf("load %s printed no result (%v):\n%s", name, err, stderr.String())
 	}
 	m := &measurement{name: name, site: site, res: res}

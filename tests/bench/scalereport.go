@@ -66,6 +66,16 @@ func (h *harness) scaleSection() string {
 		w("answer that needs the store open.\n\n")
 		w("%s\n", h.restartTable())
 	}
+	if len(h.fanout) > 0 {
+		w("### Fan-out over HTTP/2 and HTTP/3 (scenario 3)\n\n")
+		w("`tests/internal/fanout` (the callback-to-subscriber harness of issue #4, shared with `tests/latency`), run\n")
+		w("with this run's Caddy: `%s`. Shape: jobs × SSE subscribers per job × reports per\n", strings.Join(h.fanoutArgs, " "))
+		w("second per job; each job's reporter posts its callback (HTTP/1.1) and waits for the 204 (durable); latency\n")
+		w("is from just before the callback is sent to the subscriber's parse of the event carrying it (matched by\n")
+		w("a key in the message). **hub** is the in-memory Go SSE hub (no store) over HTTP/2; caddy/h3 is Caddy's\n")
+		w("HTTP/3 with quic-go's client. Caddy is started afresh with a new store for each measurement.\n\n")
+		w("%s\n", h.fanoutTable())
+	}
 	w("%s\n\n", analysisTitle)
 	w("%s", analysisPlaceholder)
 	w("### Raw output\n\n```\n%s```\n", h.raw.String())

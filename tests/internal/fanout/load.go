@@ -1,9 +1,10 @@
-package main
+package fanout
 
 import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -19,6 +20,7 @@ import (
 	"time"
 
 	"github.com/caddy-progress/progress/tests/internal/samples"
+	"github.com/quic-go/quic-go/http3"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -62,6 +64,7 @@ type runOpts struct {
 	warmup         time.Duration
 	window         time.Duration
 	streamsPerConn int
+	proto          string // h2 (default) or h3: the subscribers' protocol
 	profilePath    string // a CPU profile of the target over the window, if the target can
 	tracePath      string // an execution trace of the target, 3 s from 2 s into the window
 	probeDir       string // where the fsync probe writes ("": no probe)
@@ -128,16 +131,28 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 		states[i] = &jobState{job: j, sent: make([]atomic.Int64, perJob)}
 	}
 
-	// Subscribers: jobs × watchers HTTP/2 streams, streamsPerConn per connection.
+	// Subscribers: jobs × watchers HTTP/2 (or HTTP/3) streams, streamsPerConn per connection:
+	// one Transport per connection.
 	nstreams := sh.jobs * sh.watchers
 	nconns := (nstreams + o.streamsPerConn - 1) / o.streamsPerConn
-	transports := make([]*http.Transport, nconns)
+	major := 2
+	transports := make([]http.RoundTripper, nconns)
 	for i := range transports {
-		transports[i] = h2Transport()
+		if o.proto == "h3" {
+			major = 3
+			transports[i] = &http3.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, DisableCompression: true}
+		} else {
+			transports[i] = h2Transport()
+		}
 	}
 	defer func() {
 		for _, tr := range transports {
-			tr.CloseIdleConnections()
+			switch tr := tr.(type) {
+			case *http3.Transport:
+				tr.Close()
+			case *http.Transport:
+				tr.CloseIdleConnections()
+			}
 		}
 	}()
 	res.streams, res.conns = nstreams, nconns
@@ -181,7 +196,7 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 				return
 			}
 			defer resp.Body.Close()
-			if resp.StatusCode != http.StatusOK || resp.ProtoMajor != 2 {
+			if resp.StatusCode != http.StatusOK || resp.ProtoMajor != major {
 				noteErr(fmt.Errorf("subscribe: %s over %s", resp.Status, resp.Proto))
 				return
 			}

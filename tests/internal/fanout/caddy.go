@@ -1,4 +1,4 @@
-package main
+package fanout
 
 import (
 	"context"
@@ -28,9 +28,10 @@ type caddyTarget struct {
 	label string
 }
 
-// startCaddy starts Caddy with a fresh store (fsync on, as always) and GC tracing in its log.
-func startCaddy(bin, parent string, up *caddyrun.Upstream) (*caddyTarget, error) {
-	c, err := caddyrun.Start(bin, parent, up, caddyrun.Options{Env: []string{"GODEBUG=gctrace=1"}})
+// startCaddy starts Caddy with a fresh store (fsync on, as always) and GC tracing in its log;
+// with h3 its TLS site also serves HTTP/3.
+func startCaddy(bin, parent string, up *caddyrun.Upstream, h3 bool) (*caddyTarget, error) {
+	c, err := caddyrun.Start(bin, parent, up, caddyrun.Options{Env: []string{"GODEBUG=gctrace=1"}, HTTP3: h3})
 	if err != nil {
 		return nil, err
 	}

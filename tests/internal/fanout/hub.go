@@ -1,4 +1,4 @@
-package main
+package fanout
 
 import (
 	"context"
@@ -213,9 +213,9 @@ func serveHub(ctx context.Context, tlsLn, cbLn net.Listener) error {
 	return nil
 }
 
-// hubMain is the hub as its own process (`latency __hub`): it prints "<tls addr> <callback
+// HubMain is the hub as its own process (`latency __hub`): it prints "<tls addr> <callback
 // addr>" on its first line and serves until SIGTERM.
-func hubMain(args []string) int {
+func HubMain(args []string) int {
 	fs := flag.NewFlagSet("hub", flag.ContinueOnError)
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -230,7 +230,7 @@ func hubMain(args []string) int {
 		fmt.Fprintln(os.Stderr, "hub:", err)
 		return 1
 	}
-	fmt.Println(tlsLn.Addr().String(), cbLn.Addr().String())
+	fmt.Fprintln(Out, tlsLn.Addr().String(), cbLn.Addr().String())
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
 	if err := serveHub(ctx, tlsLn, cbLn); err != nil {
@@ -249,14 +249,14 @@ type hubTarget struct {
 }
 
 func startHubProc(self, dir string) (*hubTarget, error) {
-	var out syncBuffer
+	var out child.Output
 	p, err := child.Start("hub", self, []string{"__hub"}, os.Environ(), dir, &out, os.Stderr, nil)
 	if err != nil {
 		return nil, err
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
-		if line, ok := out.firstLine(); ok {
+		if line, ok := out.FirstLine(); ok {
 			f := strings.Fields(line)
 			if len(f) != 2 {
 				p.Stop(time.Second)
