@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -42,32 +44,44 @@ type longpollResult struct {
 	others               string
 }
 
+// runLongpoll measures at every rate of -lp-rates, each on a fresh Caddy.
 func (h *harness) runLongpoll() error {
+	for _, rate := range h.opts.lpRates {
+		h.gate(fmt.Sprintf("longpoll at %s reports/s per job", trunc(rate, 2)))
+		r, err := h.measureLongpoll(rate)
+		if err != nil {
+			return fmt.Errorf("longpoll at %s reports/s per job: %w", trunc(rate, 2), err)
+		}
+		h.longpoll = append(h.longpoll, r)
+	}
+	return nil
+}
+
+func (h *harness) measureLongpoll(rate float64) (*longpollResult, error) {
 	o := h.opts
-	h.gate("longpoll")
 	up, err := caddyrun.StartUpstream()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer up.Close()
 	c, err := caddyrun.Start(h.caddyBin, h.dir, up, caddyrun.Options{})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	jobs, err := c.MakeJobs(ctx, o.lpJobs)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	h.logf("\n# longpoll: %d pollers on %d jobs, %s reports/s per job, %d streams per connection, warm-up %v, window %v; caddy pid %d",
-		o.lpPollers, o.lpJobs, trunc(o.lpRate, 2), o.lpStreams, o.lpWarmup, o.lpWindow, c.PID())
-	r := &longpollResult{pollers: o.lpPollers, jobs: len(jobs), rate: o.lpRate, window: o.lpWindow}
+		o.lpPollers, o.lpJobs, trunc(rate, 2), o.lpStreams, o.lpWarmup, o.lpWindow, c.PID())
+	r := &longpollResult{pollers: o.lpPollers, jobs: len(jobs), rate: rate, window: o.lpWindow}
 	r.conns = (o.lpPollers + o.lpStreams - 1) / o.lpStreams
 
-	period := time.Duration(float64(time.Second) / o.lpRate)
-	perJob := int((o.lpWarmup+o.lpWindow).Seconds()*o.lpRate) + 16
+	period := time.Duration(float64(time.Second) / rate)
+	perJob := int((o.lpWarmup+o.lpWindow).Seconds()*rate) + 16
 	sent := make([][]atomic.Int64, len(jobs)) // report k of job j: send time, ns since base
 	for j := range sent {
 		sent[j] = make([]atomic.Int64, perJob)
@@ -154,6 +168,14 @@ func (h *harness) runLongpoll() error {
 	}
 	started.Wait() // every poller has its first answer (the current document): all now wait
 
+	// A CPU profile of Caddy over 10 s of the window: where a wake-up's time goes.
+	profile := filepath.Join(h.dir, fmt.Sprintf("longpoll-%s.pprof", trunc(rate, 2)))
+	profiled := make(chan error, 1)
+	go func() {
+		time.Sleep(o.lpWarmup + o.lpWindow/4)
+		profiled <- c.Profile(ctx, int(min(10*time.Second, o.lpWindow/2)/time.Second), profile)
+	}()
+
 	// Reporters: one per job, its reports spread evenly across the period.
 	var cbErrors, reports atomic.Int64
 	cbClient := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}, Timeout: 30 * time.Second}
@@ -216,7 +238,11 @@ func (h *harness) runLongpoll() error {
 		r.firstErr = v.(string)
 	}
 	slices.Sort(r.lats)
-	h.longpoll = r
+	if err := <-profiled; err != nil {
+		h.logf("# longpoll: CPU profile: %v", err)
+	} else {
+		h.pprofTop("longpoll "+trunc(rate, 2)+"/s per job: Caddy's CPU profile", profile)
+	}
 	h.logf("# longpoll: %d wake-ups measured of %d expected (%d reports in the window × %d pollers per job); poll errors %d, callback errors %d%s",
 		len(r.lats), r.expected, r.reports, o.lpPollers/len(jobs), r.pollErrors, r.cbErrors, ifErr(r.firstErr))
 	h.logf("# longpoll: wake-up latency p50 %s p90 %s p99 %s p99.9 %s max %s; CPU in the window: caddy %s%%, harness %s%% of a CPU; other processes %s",
@@ -225,7 +251,16 @@ func (h *harness) runLongpoll() error {
 	if lines := c.ErrorLines(); len(lines) > 0 {
 		h.logf("# longpoll: caddy logged %d errors, first: %s", len(lines), lines[0])
 	}
-	return nil
+	return r, nil
+}
+
+// pprofTop logs `go tool pprof -top` of a CPU profile of Caddy.
+func (h *harness) pprofTop(title, path string) {
+	out, err := exec.Command(h.goBin, "tool", "pprof", "-top", "-nodecount=30", h.caddyBin, path).CombinedOutput()
+	if err != nil {
+		h.logf("# go tool pprof: %v", err)
+	}
+	h.logf("# %s (go tool pprof -top)\n%s", title, strings.TrimSpace(string(out)))
 }
 
 func ifErr(s string) string {
@@ -243,31 +278,35 @@ func msStr(ns int64) string {
 	return trunc(float64(ns)/1e6, 2) + " ms"
 }
 
-// longpollTable is the long-poll scenario's table (Markdown).
+// longpollTable is the long-poll scenario's table (Markdown), a row per rate.
 func (h *harness) longpollTable() string {
-	r := h.longpoll
-	if r == nil {
+	if len(h.longpoll) == 0 {
 		return ""
 	}
 	var b strings.Builder
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
-	w("| pollers | jobs | reports/s | wake-ups measured / expected | p50 | p90 | p99 | p99.9 | max | Caddy CPU per 1,000 wake-ups/s |\n")
-	w("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
-	wakesPerSec := float64(len(r.lats)) / r.window.Seconds()
-	cpuPer1000 := "-"
-	if wakesPerSec > 0 {
-		cpuPer1000 = trunc(r.caddyPct/(wakesPerSec/1000), 1) + "% of a CPU"
+	w("| pollers | jobs | reports/s | wake-ups measured / expected | p50 | p90 | p99 | p99.9 | max | Caddy CPU | Caddy CPU per 1,000 wake-ups/s | harness CPU |\n")
+	w("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+	for _, r := range h.longpoll {
+		wakesPerSec := float64(len(r.lats)) / r.window.Seconds()
+		cpuPer1000 := "-"
+		if wakesPerSec > 0 {
+			cpuPer1000 = trunc(r.caddyPct/(wakesPerSec/1000), 1) + "%"
+		}
+		w("| %s | %s | %s | %s / %s | %s | %s | %s | %s | %s | %s%% | %s | %s%% |\n", commas(int64(r.pollers)), commas(int64(r.jobs)), trunc(r.rate*float64(r.jobs), 0),
+			commas(int64(len(r.lats))), commas(r.expected), msStr(samples.Pct(r.lats, 0.5)), msStr(samples.Pct(r.lats, 0.9)), msStr(samples.Pct(r.lats, 0.99)),
+			msStr(samples.Pct(r.lats, 0.999)), msStr(samples.Pct(r.lats, 1)), trunc(r.caddyPct, 1), cpuPer1000, trunc(r.harnessPct, 1))
 	}
-	w("| %s | %s | %s | %s / %s | %s | %s | %s | %s | %s | %s |\n", commas(int64(r.pollers)), commas(int64(r.jobs)), trunc(r.rate*float64(r.jobs), 0),
-		commas(int64(len(r.lats))), commas(r.expected), msStr(samples.Pct(r.lats, 0.5)), msStr(samples.Pct(r.lats, 0.9)), msStr(samples.Pct(r.lats, 0.99)),
-		msStr(samples.Pct(r.lats, 0.999)), msStr(samples.Pct(r.lats, 1)), cpuPer1000)
-	p99 := samples.Pct(r.lats, 0.99)
-	verdict := "met"
-	if p99 < 0 || p99 >= int64(50*time.Millisecond) || int64(len(r.lats)) < r.expected {
-		verdict = "MISSED"
+	w("\n")
+	for _, r := range h.longpoll {
+		p99 := samples.Pct(r.lats, 0.99)
+		verdict := "met"
+		if p99 < 0 || p99 >= int64(50*time.Millisecond) || int64(len(r.lats)) < r.expected {
+			verdict = "MISSED"
+		}
+		w("Target at %s reports/s (%s wake-ups/s offered): p99 wake-up < 50 ms, every poller woken for every report: %s (p99 %s; %s of %s wake-ups; poll errors %d, callback errors %d; other processes %s)\n\n",
+			trunc(r.rate*float64(r.jobs), 0), commas(r.expected/int64(r.window.Seconds())), verdict, msStr(p99), commas(int64(len(r.lats))), commas(r.expected), r.pollErrors, r.cbErrors, r.others)
 	}
-	w("\nTarget: p99 wake-up < 50 ms with every poller woken for every report: %s (p99 %s; %s of %s wake-ups; poll errors %d, callback errors %d)\n",
-		verdict, msStr(p99), commas(int64(len(r.lats))), commas(r.expected), r.pollErrors, r.cbErrors)
 	return b.String()
 }
 

@@ -156,7 +156,7 @@ type options struct {
 
 	lpPollers int
 	lpJobs    int
-	lpRate    float64
+	lpRates   []float64
 	lpStreams int
 	lpWarmup  time.Duration
 	lpWindow  time.Duration
@@ -193,7 +193,7 @@ func harnessMain(args []string) int {
 	fs.DurationVar(&o.idleHeartbeat, "idle-heartbeat", 15*time.Second, "idle: Caddy's heartbeat setting")
 	fs.IntVar(&o.lpPollers, "lp-pollers", 10000, "longpoll: concurrent long-pollers")
 	fs.IntVar(&o.lpJobs, "lp-jobs", 1000, "longpoll: running jobs the pollers are spread over")
-	fs.Float64Var(&o.lpRate, "lp-rate", 1, "longpoll: progress reports per second per job")
+	lpRates := fs.String("lp-rates", "0.1,1", "longpoll: progress reports per second per job, comma-separated (each measured on a fresh Caddy)")
 	fs.IntVar(&o.lpStreams, "lp-streams", 100, "longpoll: long-polls per HTTP/2 connection")
 	fs.DurationVar(&o.lpWarmup, "lp-warmup", 5*time.Second, "longpoll: reporting before the window")
 	fs.DurationVar(&o.lpWindow, "lp-window", 20*time.Second, "longpoll: the measured window")
@@ -211,6 +211,14 @@ func harnessMain(args []string) int {
 		return 2
 	}
 	o.args = args
+	for _, v := range strings.Split(*lpRates, ",") {
+		rate, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+		if err != nil || rate <= 0 || rate > 100 {
+			fmt.Fprintln(os.Stderr, "bench: -lp-rates takes numbers in (0, 100]")
+			return 2
+		}
+		o.lpRates = append(o.lpRates, rate)
+	}
 	switch {
 	case !oneOf(o.scenario, "tune", "passthrough", "create", "sweep", "all", "idle", "longpoll", "restart", "fanout", "scale"):
 		fmt.Fprintln(os.Stderr, "bench: -scenario must be tune, passthrough, create, sweep, all, idle, longpoll, restart, fanout or scale")
@@ -225,7 +233,7 @@ func harnessMain(args []string) int {
 		o.idleSubs < 1 || o.idleSubs > 1000000, o.idleStreams < 1 || o.idleStreams > 250,
 		o.idleSources < 1 || o.idleSources > 250, o.idleJobs < 1 || o.idleJobs > 100000,
 		o.idleHeartbeat < time.Second || o.idleHeartbeat > time.Hour,
-		o.lpJobs < 1 || o.lpPollers < o.lpJobs || o.lpPollers > 200000, o.lpRate <= 0 || o.lpRate > 100,
+		o.lpJobs < 1 || o.lpPollers < o.lpJobs || o.lpPollers > 200000,
 		o.lpStreams < 1 || o.lpStreams > 250, o.lpWarmup < 0 || o.lpWarmup > time.Minute, o.lpWindow < time.Second || o.lpWindow > 5*time.Minute,
 		o.restartJobs < 2 || o.restartJobs > 5000000, o.restartRounds < 1 || o.restartRounds > 10,
 		o.fanWarmup < 0 || o.fanWarmup > time.Minute, o.fanWindow < 2*time.Second || o.fanWindow > 5*time.Minute, o.fanRounds < 1 || o.fanRounds > 10:
@@ -304,12 +312,12 @@ type harness struct {
 	profiles    []string
 	caddyErrors []string
 	finished    time.Time
-	quietLeft   time.Duration // what is left of the -quiet-wait budget
-	quietWaited time.Duration // waited before measurements
-	repeated    []string      // measurements repeated because other processes disturbed them
-	idle        []*idleResult // bare, then caddy
-	longpoll    *longpollResult
-	restart     []*restartResult // 1 job, then -restart-jobs
+	quietLeft   time.Duration     // what is left of the -quiet-wait budget
+	quietWaited time.Duration     // waited before measurements
+	repeated    []string          // measurements repeated because other processes disturbed them
+	idle        []*idleResult     // bare, then caddy
+	longpoll    []*longpollResult // per -lp-rates
+	restart     []*restartResult  // 1 job, then -restart-jobs
 	fanout      []fanout.Summary
 	fanoutArgs  []string
 }

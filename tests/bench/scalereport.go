@@ -48,13 +48,19 @@ func (h *harness) scaleSection() string {
 		w("carries the GC's timing; raw RSS is shown beside it.\n\n")
 		w("%s\n", h.idleTable())
 	}
-	if h.longpoll != nil {
+	if len(h.longpoll) > 0 {
 		w("### Long-poll wake-up (scenario 5)\n\n")
-		w("%d long-pollers on %d running jobs, each job reporting %s times a second through its callback; pollers loop\n",
-			h.opts.lpPollers, h.opts.lpJobs, trunc(h.opts.lpRate, 2))
+		var rates []string
+		for _, r := range h.opts.lpRates {
+			rates = append(rates, trunc(r, 2))
+		}
+		w("%d long-pollers on %d running jobs, each job reporting %s times a second (one Caddy per rate) through its\n",
+			h.opts.lpPollers, h.opts.lpJobs, strings.Join(rates, " or "))
+		w("callback; pollers loop\n")
 		w("on `GET /_jobs/{id}?after=<seq>&wait=30s` over HTTP/2 (%d per connection). Latency: from just before the\n", h.opts.lpStreams)
 		w("report is sent to the end of the answer that carries it (one clock: the harness sends and polls); every\n")
-		w("update is durable (204) before it wakes anyone. Window %v after %v of warm-up.\n\n", h.opts.lpWindow, h.opts.lpWarmup)
+		w("update is durable (204) before it wakes anyone. Window %v after %v of warm-up. A 10 s CPU profile of\n", h.opts.lpWindow, h.opts.lpWarmup)
+		w("Caddy is taken in each window (its top is in the raw output).\n\n")
 		w("%s\n", h.longpollTable())
 	}
 	if len(h.restart) == 2 {
