@@ -9,6 +9,8 @@
 #   ./xcaddy.sh fuzz    run every fuzz target for FUZZTIME each (default 30s)
 #   ./xcaddy.sh bench   Caddy with the plugin against plain reverse_proxy; writes BENCHMARKS.md
 #   ./xcaddy.sh bench-latency  callback-to-subscriber latency (issue #4); prints, writes nothing
+#   ./xcaddy.sh bench-scale [flags]  issue #6: idle subscribers (100,000; memory against a bare
+#                       net/http server) and long-poll wake-up; writes BENCHMARKS.md
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -69,6 +71,11 @@ verb_build() {
 verb_bench() {
 	say "go run ./tests/bench -write (about 10 minutes; see tests/bench/main.go)"
 	go run ./tests/bench -write
+}
+
+verb_bench_scale() {
+	say "go run ./tests/bench -scenario scale -write $* (about 15 minutes; see tests/bench/idle.go, longpoll.go)"
+	go run ./tests/bench -scenario scale -write "$@"
 }
 
 verb_bench_latency() {
@@ -185,8 +192,9 @@ case "${1:-}" in
 	demo) verb_demo ;;
 	bench) verb_bench ;;
 	bench-latency) shift; verb_bench_latency "$@" ;;
+	bench-scale) shift; verb_bench_scale "$@" ;;
 	*)
-		echo "usage: $0 build | demo | test | fuzz | bench | bench-latency [flags]" >&2
+		echo "usage: $0 build | demo | test | fuzz | bench | bench-latency [flags] | bench-scale [flags]" >&2
 		exit 2
 		;;
 esac

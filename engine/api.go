@@ -30,6 +30,8 @@ type API struct {
 	// Done ends every event stream when it is canceled (the configuration was replaced or the
 	// server stops); clients resume with Last-Event-ID.
 	Done context.Context
+
+	frames sharedFrames // each live event encoded once for all its streams
 }
 
 // Defaults of the API.

@@ -1,11 +1,11 @@
 package engine
 
 import (
-	"context"
 	"errors"
-	"io"
 	"net/http"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddy-progress/progress/store"
@@ -26,15 +26,17 @@ func (a *API) events(w http.ResponseWriter, r *http.Request, job *store.Job) err
 		}
 		after = seen
 	}
-	ctx, cancel := context.WithCancel(r.Context())
-	defer cancel()
-	stop := context.AfterFunc(a.Done, cancel)
-	defer stop()
+	// One stream holds, beside Caddy's and net/http's own state, the subscription, one timer
+	// and the writer: no context, timer or goroutine per wait (issue #6: memory per idle
+	// subscriber).
+	ctx := r.Context()
 	sub, err := a.Engine.Store.Subscribe(ctx, job.ID, after)
 	if err != nil {
 		return storeProblem(err)
 	}
 	defer sub.Close()
+	frames := a.frames.join(job.ID)
+	defer a.frames.leave(job.ID, frames)
 	m := a.Engine.Metrics()
 	defer m.subscribed(SubscriberSSE)()
 	delivered := 0
@@ -57,17 +59,16 @@ func (a *API) events(w http.ResponseWriter, r *http.Request, job *store.Job) err
 	out := &sseWriter{w: w, rc: http.NewResponseController(w), timeout: a.WriteTimeout}
 	// A first comment line, flushed at once, gets the headers past buffering middleware
 	// (Caddy's encode) and proxies, so the client knows the stream is open.
-	if err := out.send([]byte("retry: " + strconv.Itoa(sseRetryMillis) + "\n: stream open\n\n")); err != nil {
+	if err := out.send(streamOpen); err != nil {
 		return nil
 	}
-	heartbeat := []byte(": heartbeat\n\n")
+	heartbeat := time.NewTimer(a.Heartbeat)
+	defer heartbeat.Stop()
 	for {
-		next, cancelNext := context.WithTimeout(ctx, a.Heartbeat)
-		ev, err := sub.Next(next)
-		cancelNext()
+		ev, ok, err := sub.Poll(ctx)
 		switch {
-		case err == nil:
-			if err := out.send(frame(ev)); err != nil {
+		case ok:
+			if err := out.send(frames.frame(ev)); err != nil {
 				return nil
 			}
 			delivered++
@@ -79,19 +80,33 @@ func (a *API) events(w http.ResponseWriter, r *http.Request, job *store.Job) err
 			if ev.Done() {
 				return nil
 			}
-		case errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil:
-			if err := out.send(heartbeat); err != nil {
+			heartbeat.Reset(a.Heartbeat)
+			continue
+		case err != nil:
+			// io.EOF (the client has seen the end), the request ended, the job was deleted or
+			// the store closed: end the stream; a reconnect gets the answer that fits (404, or
+			// the resumed stream).
+			return nil
+		}
+		select {
+		case <-sub.Ready():
+		case <-heartbeat.C:
+			if err := out.send(heartbeatComment); err != nil {
 				return nil
 			}
-		case errors.Is(err, io.EOF), ctx.Err() != nil:
+			heartbeat.Reset(a.Heartbeat)
+		case <-ctx.Done():
 			return nil
-		default:
-			// The job was deleted or the store closed: end the stream; a reconnect gets the
-			// answer that fits (404, or the resumed stream).
+		case <-a.Done.Done():
 			return nil
 		}
 	}
 }
+
+var (
+	streamOpen       = []byte("retry: " + strconv.Itoa(sseRetryMillis) + "\n: stream open\n\n")
+	heartbeatComment = []byte(": heartbeat\n\n")
+)
 
 // lastEventID reads the seq a resuming subscriber has seen: ?last_event_id= (for clients that
 // cannot set headers) wins over the Last-Event-ID header.
@@ -120,6 +135,58 @@ func frame(ev store.Event) []byte {
 	b = append(b, "\ndata: "...)
 	b = append(b, ev.Data...)
 	return append(b, "\n\n"...)
+}
+
+// sharedFrames encodes each live event once for all the streams of its job, rather than once
+// per stream: ten thousand subscribers of a job share one encoded frame. A job's entry lives
+// while it has streams.
+type sharedFrames struct {
+	mu   sync.Mutex
+	jobs map[string]*jobFrames
+}
+
+type jobFrames struct {
+	streams int                          // guarded by sharedFrames.mu
+	last    atomic.Pointer[encodedFrame] // the newest frame encoded for the job
+}
+
+type encodedFrame struct {
+	seq uint64
+	b   []byte // never written to once stored
+}
+
+func (s *sharedFrames) join(id string) *jobFrames {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.jobs == nil {
+		s.jobs = make(map[string]*jobFrames)
+	}
+	j := s.jobs[id]
+	if j == nil {
+		j = &jobFrames{}
+		s.jobs[id] = j
+	}
+	j.streams++
+	return j
+}
+
+func (s *sharedFrames) leave(id string, j *jobFrames) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if j.streams--; j.streams == 0 && s.jobs[id] == j {
+		delete(s.jobs, id)
+	}
+}
+
+// frame returns the encoded event, from the job's last frame when it is this event. Two streams
+// may both encode an event at once; either result is right.
+func (j *jobFrames) frame(ev store.Event) []byte {
+	if f := j.last.Load(); f != nil && f.seq == ev.Seq {
+		return f.b
+	}
+	b := frame(ev)
+	j.last.Store(&encodedFrame{seq: ev.Seq, b: b})
+	return b
 }
 
 // sseWriter writes and flushes each piece at once (quic-go holds small writes back until a

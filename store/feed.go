@@ -217,22 +217,45 @@ func newSubscription(f *feed, t *topic, id string, after uint64, load loadFunc) 
 
 func (s *subscription) Next(ctx context.Context) (Event, error) {
 	for {
+		ev, ok, err := s.Poll(ctx)
+		if err != nil || ok {
+			return ev, err
+		}
+		select {
+		case <-s.wake:
+		case <-ctx.Done():
+			return Event{}, ctx.Err()
+		}
+	}
+}
+
+// Ready is the subscription's wake-up channel: signalled on every change of the job's topic.
+func (s *subscription) Ready() <-chan struct{} { return s.wake }
+
+// Poll returns the next event if there is one now: from the replay buffer, the stored log, or
+// the topic. With nothing to deliver it returns ok false, and Ready will be signalled on the
+// next change.
+func (s *subscription) Poll(ctx context.Context) (Event, bool, error) {
+	for {
 		if s.ended {
-			return Event{}, io.EOF
+			return Event{}, false, io.EOF
 		}
 		if len(s.buf) > 0 {
 			ev := s.buf[0]
 			s.buf[0] = Event{}
 			s.buf = s.buf[1:]
+			if len(s.buf) == 0 {
+				s.buf = nil // let the replayed page go
+			}
 			if ev.Seq <= s.last {
 				continue
 			}
-			return s.deliver(ev), nil
+			return s.deliver(ev), true, nil
 		}
 		if !s.live {
 			evs, err := s.load(ctx, s.last, replayPage)
 			if err != nil {
-				return Event{}, err
+				return Event{}, false, err
 			}
 			if len(evs) > 0 {
 				s.buf = evs
@@ -244,17 +267,10 @@ func (s *subscription) Next(ctx context.Context) (Event, error) {
 			continue
 		}
 		ev, ok, err := s.topic.next(s.last)
-		if err != nil {
-			return Event{}, err
+		if err != nil || !ok {
+			return Event{}, false, err
 		}
-		if ok {
-			return s.deliver(ev), nil
-		}
-		select {
-		case <-s.wake:
-		case <-ctx.Done():
-			return Event{}, ctx.Err()
-		}
+		return s.deliver(ev), true, nil
 	}
 }
 

@@ -565,3 +565,48 @@ func TestJobsAlwaysEnd(t *testing.T) {
 		t.Fatalf("recovered full job: %+v %v", j, err)
 	}
 }
+
+// TestSubscriptionPollAndReady: Poll hands out what is there without waiting, says so when
+// nothing is, and Ready is signalled by the next change, which Poll then returns; after the
+// done event Poll reports io.EOF.
+func TestSubscriptionPollAndReady(t *testing.T) {
+	s := openTest(t, Options{})
+	ctx := context.Background()
+	job := newJob(t, s)
+	sub, err := s.Subscribe(ctx, job.ID, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	if ev, ok, err := sub.Poll(ctx); !ok || err != nil || ev.Seq != 1 {
+		t.Fatalf("first Poll: %+v %v %v, want seq 1", ev, ok, err)
+	}
+	if ev, ok, err := sub.Poll(ctx); ok || err != nil {
+		t.Fatalf("Poll with nothing new: %+v %v %v, want none", ev, ok, err)
+	}
+	if _, err := s.Update(ctx, job.ID, percent(10)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-sub.Ready():
+	case <-time.After(10 * time.Second):
+		t.Fatal("Ready was not signalled by an update")
+	}
+	if ev, ok, err := sub.Poll(ctx); !ok || err != nil || ev.Seq != 2 {
+		t.Fatalf("Poll after the update: %+v %v %v, want seq 2", ev, ok, err)
+	}
+	if _, _, err := s.Cancel(ctx, job.ID); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-sub.Ready():
+	case <-time.After(10 * time.Second):
+		t.Fatal("Ready was not signalled by the cancel")
+	}
+	if ev, ok, err := sub.Poll(ctx); !ok || err != nil || !ev.Done() {
+		t.Fatalf("Poll after cancel: %+v %v %v, want the done event", ev, ok, err)
+	}
+	if _, _, err := sub.Poll(ctx); err != io.EOF {
+		t.Fatalf("Poll after done: %v, want io.EOF", err)
+	}
+}

@@ -177,6 +177,13 @@ type ListPage struct {
 // the store closes.
 type Subscription interface {
 	Next(ctx context.Context) (Event, error)
+	// Poll returns the next event if one is there now, without waiting: ok false means none
+	// yet, and Ready will be signalled once there may be. With Ready it lets a caller that
+	// holds a subscription for long (an SSE stream) wait together with its own timer and
+	// channels, with no context or goroutine per wait.
+	Poll(ctx context.Context) (ev Event, ok bool, err error)
+	// Ready is signalled (one buffered signal, never closed) on every change of the job.
+	Ready() <-chan struct{}
 	Close()
 }
 

@@ -34,6 +34,18 @@
 //	all          tune (unless -conns and -streams are given), passthrough, create, sweep
 //	             (default)
 //
+// The scenarios of issue #6 (scale), each with its own flags (-idle-*, -lp-*) and its own
+// section of BENCHMARKS.md ("## Scale (issue 6)", with -write; ./xcaddy.sh bench-scale):
+//
+//	idle         100,000 idle SSE subscribers over HTTP/2: resident memory per subscriber of
+//	             Caddy with the plugin against a bare net/http server and a Caddy floor, fresh
+//	             and after one event on every stream (idle.go)
+//	longpoll     10,000 long-pollers on 1,000 reporting jobs: wake-up latency (longpoll.go)
+//	restart      start to first answer with 1,000,000 finished jobs in the store (restart.go)
+//	fanout       10,000 SSE subscribers on 1,000 jobs, 10,000 deliveries/s, over HTTP/2 and
+//	             HTTP/3: callback-to-delivery latency (fanout.go, tests/internal/fanout)
+//	scale        idle, longpoll, restart, fanout
+//
 // What runs, all on loopback, each as its own process (and process group, stopped at the end,
 // also on failure or Ctrl-C; the kernel kills them if the harness dies):
 //
@@ -72,7 +84,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -91,11 +102,12 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
+	"github.com/caddy-progress/progress/tests/internal/caddyrun"
 	"github.com/caddy-progress/progress/tests/internal/child"
+	"github.com/caddy-progress/progress/tests/internal/fanout"
 )
 
 func main() {
@@ -105,6 +117,14 @@ func main() {
 			os.Exit(loadMain(os.Args[2:]))
 		case "__upstream":
 			os.Exit(upstreamMain(os.Args[2:]))
+		case "__bare":
+			os.Exit(bareMain(os.Args[2:]))
+		case "__idle":
+			os.Exit(idleLoadMain(os.Args[2:]))
+		case "__fill":
+			os.Exit(fillMain(os.Args[2:]))
+		case "__hub":
+			os.Exit(fanout.HubMain(os.Args[2:]))
 		}
 	}
 	os.Exit(harnessMain(os.Args[1:]))
@@ -126,12 +146,34 @@ type options struct {
 	quietWait    time.Duration
 	keep         bool
 	args         []string
+
+	idleSubs      int
+	idleStreams   int
+	idleSources   int
+	idleJobs      int
+	idleHeartbeat time.Duration
+	idleCaddyBins []string
+
+	lpPollers int
+	lpJobs    int
+	lpRates   []float64
+	lpStreams int
+	lpWarmup  time.Duration
+	lpWindow  time.Duration
+
+	restartJobs   int
+	restartRounds int
+
+	fanShape  string
+	fanWarmup time.Duration
+	fanWindow time.Duration
+	fanRounds int
 }
 
 func harnessMain(args []string) int {
 	var o options
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	fs.StringVar(&o.scenario, "scenario", "all", "tune | passthrough | create | sweep | all")
+	fs.StringVar(&o.scenario, "scenario", "all", "tune | passthrough | create | sweep | all (issue 3) | idle | longpoll | restart | fanout | scale (issue 6: all four)")
 	fs.IntVar(&o.conns, "conns", 0, "HTTP/2 connections of the load generator (0: tune, or 2 without tuning)")
 	fs.IntVar(&o.streams, "streams", 0, "concurrent streams per connection (0: tune, or 16 without tuning)")
 	fs.IntVar(&o.rounds, "rounds", 5, "how many times A and B are measured, alternately")
@@ -139,18 +181,47 @@ func harnessMain(args []string) int {
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "measured window")
 	fs.DurationVar(&o.tuneWarmup, "tune-warmup", 2*time.Second, "warm-up of each tuning measurement")
 	fs.DurationVar(&o.tuneDuration, "tune-duration", 5*time.Second, "window of each tuning measurement")
-	fs.BoolVar(&o.write, "write", false, `write the "Caddy plugin (issue 3)" section of BENCHMARKS.md`)
+	fs.BoolVar(&o.write, "write", false, `write the "Caddy plugin (issue 3)" section of BENCHMARKS.md, or with idle, longpoll, scale the "Scale (issue 6)" one`)
 	fs.StringVar(&o.benchFile, "benchmarks", "", "the file -write updates (default BENCHMARKS.md at the module root)")
 	fs.StringVar(&o.profile, "profile", "auto", "auto (profile Caddy when a target is missed) | always | never")
 	fs.DurationVar(&o.quietWait, "quiet-wait", 10*time.Minute, "how long, in all, to wait for a quiet machine (before the start and before measurements)")
 	fs.BoolVar(&o.keep, "keep", false, "keep the temporary folder (Caddyfile, logs, store, profiles)")
+	fs.IntVar(&o.idleSubs, "idle-subscribers", 100000, "idle: concurrent SSE subscribers")
+	fs.IntVar(&o.idleStreams, "idle-streams", 200, "idle: streams per HTTP/2 connection (under the servers' 250)")
+	fs.IntVar(&o.idleSources, "idle-sources", 4, "idle: loopback source addresses of the client (127.0.0.1 …)")
+	fs.IntVar(&o.idleJobs, "idle-jobs", 1000, "idle: running jobs the subscribers are spread over")
+	fs.DurationVar(&o.idleHeartbeat, "idle-heartbeat", 15*time.Second, "idle: Caddy's heartbeat setting")
+	fs.IntVar(&o.lpPollers, "lp-pollers", 10000, "longpoll: concurrent long-pollers")
+	fs.IntVar(&o.lpJobs, "lp-jobs", 1000, "longpoll: running jobs the pollers are spread over")
+	lpRates := fs.String("lp-rates", "0.1,1", "longpoll: progress reports per second per job, comma-separated (each measured on a fresh Caddy)")
+	fs.IntVar(&o.lpStreams, "lp-streams", 100, "longpoll: long-polls per HTTP/2 connection")
+	fs.DurationVar(&o.lpWarmup, "lp-warmup", 5*time.Second, "longpoll: reporting before the window")
+	fs.DurationVar(&o.lpWindow, "lp-window", 20*time.Second, "longpoll: the measured window")
+	fs.IntVar(&o.restartJobs, "restart-jobs", 1000000, "restart: finished jobs in the full store")
+	fs.IntVar(&o.restartRounds, "restart-rounds", 3, "restart: starts on each store, alternated")
+	fs.StringVar(&o.fanShape, "fan-shape", "1000x10x1", "fanout: JOBSxSUBSCRIBERSxREPORTS_PER_SECOND (comma-separated for several)")
+	fs.DurationVar(&o.fanWarmup, "fan-warmup", 5*time.Second, "fanout: reporting before the window")
+	fs.DurationVar(&o.fanWindow, "fan-window", 20*time.Second, "fanout: the measured window")
+	fs.IntVar(&o.fanRounds, "fan-rounds", 1, "fanout: rounds (every target and protocol in each)")
+	fs.Func("idle-caddy-bin", "idle: also measure this prebuilt Caddy (e.g. of another commit), as caddy2, caddy3, …; repeatable", func(v string) error {
+		o.idleCaddyBins = append(o.idleCaddyBins, v)
+		return nil
+	})
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	o.args = args
+	for _, v := range strings.Split(*lpRates, ",") {
+		rate, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+		if err != nil || rate <= 0 || rate > 100 {
+			fmt.Fprintln(os.Stderr, "bench: -lp-rates takes numbers in (0, 100]")
+			return 2
+		}
+		o.lpRates = append(o.lpRates, rate)
+	}
 	switch {
-	case !oneOf(o.scenario, "tune", "passthrough", "create", "sweep", "all"):
-		fmt.Fprintln(os.Stderr, "bench: -scenario must be tune, passthrough, create, sweep or all")
+	case !oneOf(o.scenario, "tune", "passthrough", "create", "sweep", "all", "idle", "longpoll", "restart", "fanout", "scale"):
+		fmt.Fprintln(os.Stderr, "bench: -scenario must be tune, passthrough, create, sweep, all, idle, longpoll, restart, fanout or scale")
 		return 2
 	case !oneOf(o.profile, "auto", "always", "never"):
 		fmt.Fprintln(os.Stderr, "bench: -profile must be auto, always or never")
@@ -158,7 +229,14 @@ func harnessMain(args []string) int {
 	case o.rounds < 1 || o.rounds > 20, o.conns < 0 || o.streams < 0, o.conns*o.streams > 4096,
 		o.duration <= 0 || o.duration > 5*time.Minute, o.warmup < 0 || o.warmup > time.Minute,
 		o.tuneDuration <= 0 || o.tuneDuration > time.Minute, o.tuneWarmup < 0 || o.tuneWarmup > time.Minute,
-		o.quietWait < 0 || o.quietWait > time.Hour:
+		o.quietWait < 0 || o.quietWait > time.Hour,
+		o.idleSubs < 1 || o.idleSubs > 1000000, o.idleStreams < 1 || o.idleStreams > 250,
+		o.idleSources < 1 || o.idleSources > 250, o.idleJobs < 1 || o.idleJobs > 100000,
+		o.idleHeartbeat < time.Second || o.idleHeartbeat > time.Hour,
+		o.lpJobs < 1 || o.lpPollers < o.lpJobs || o.lpPollers > 200000,
+		o.lpStreams < 1 || o.lpStreams > 250, o.lpWarmup < 0 || o.lpWarmup > time.Minute, o.lpWindow < time.Second || o.lpWindow > 5*time.Minute,
+		o.restartJobs < 2 || o.restartJobs > 5000000, o.restartRounds < 1 || o.restartRounds > 10,
+		o.fanWarmup < 0 || o.fanWarmup > time.Minute, o.fanWindow < 2*time.Second || o.fanWindow > 5*time.Minute, o.fanRounds < 1 || o.fanRounds > 10:
 		fmt.Fprintln(os.Stderr, "bench: a flag is out of range")
 		return 2
 	}
@@ -234,9 +312,14 @@ type harness struct {
 	profiles    []string
 	caddyErrors []string
 	finished    time.Time
-	quietLeft   time.Duration // what is left of the -quiet-wait budget
-	quietWaited time.Duration // waited before measurements
-	repeated    []string      // measurements repeated because other processes disturbed them
+	quietLeft   time.Duration     // what is left of the -quiet-wait budget
+	quietWaited time.Duration     // waited before measurements
+	repeated    []string          // measurements repeated because other processes disturbed them
+	idle        []*idleResult     // bare, then caddy
+	longpoll    []*longpollResult // per -lp-rates
+	restart     []*restartResult  // 1 job, then -restart-jobs
+	fanout      []fanout.Summary
+	fanoutArgs  []string
 }
 
 // kv is one row of a two-column table.
@@ -279,6 +362,9 @@ func (h *harness) run() error {
 	}
 	if err := h.build(); err != nil {
 		return err
+	}
+	if oneOf(h.opts.scenario, "idle", "longpoll", "restart", "fanout", "scale") {
+		return h.runScale()
 	}
 	if err := h.startUpstream(); err != nil {
 		return err
@@ -336,7 +422,7 @@ func (h *harness) run() error {
 		if path == "" {
 			path = filepath.Join(h.root, "BENCHMARKS.md")
 		}
-		if err := writeSection(path, h.section(report)); err != nil {
+		if err := writeSection(path, sectionTitle, h.section(report)); err != nil {
 			return err
 		}
 		fmt.Printf("wrote the %q section of %s\n", sectionTitle, path)
@@ -546,7 +632,7 @@ func (h *harness) build() error {
 }
 
 func (h *harness) startUpstream() error {
-	var out syncBuffer
+	var out child.Output
 	p, err := child.Start("upstream", h.self, []string{"__upstream", "-addr", "127.0.0.1:0"}, os.Environ(), h.dir, &out, os.Stderr, nil)
 	if err != nil {
 		return err
@@ -554,7 +640,7 @@ func (h *harness) startUpstream() error {
 	h.upstream = p
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
-		if line, ok := out.firstLine(); ok {
+		if line, ok := out.FirstLine(); ok {
 			if _, _, err := net.SplitHostPort(line); err != nil {
 				return fmt.Errorf("upstream printed %q, not an address", line)
 			}
@@ -570,28 +656,8 @@ func (h *harness) startUpstream() error {
 	return errors.New("the upstream printed no address within 30s")
 }
 
-// freePorts returns n distinct loopback TCP ports nothing listens on.
-func freePorts(n int) ([]int, error) {
-	var lns []net.Listener
-	defer func() {
-		for _, ln := range lns {
-			ln.Close()
-		}
-	}()
-	var ports []int
-	for range n {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		lns = append(lns, ln)
-		ports = append(ports, ln.Addr().(*net.TCPAddr).Port)
-	}
-	return ports, nil
-}
-
 func (h *harness) startCaddy() error {
-	ports, err := freePorts(3)
+	ports, err := caddyrun.FreePorts(3)
 	if err != nil {
 		return err
 	}
@@ -742,34 +808,6 @@ func clip(s string, n int) string {
 		return s
 	}
 	return s[:n] + "…"
-}
-
-// syncBuffer collects a child's stdout.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) firstLine() (string, bool) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	line, err := bufio.NewReader(bytes.NewReader(b.buf.Bytes())).ReadString('\n')
-	if err != nil {
-		return "", false
-	}
-	return strings.TrimSpace(line), true
-}
-
-func (b *syncBuffer) bytes() []byte {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return bytes.Clone(b.buf.Bytes())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -956,7 +994,7 @@ func (h *harness) measureOnce(name, scenario, site string, conns, streams int, w
 		args = append(args, "-body", sp.body)
 	}
 	sizeBefore := fileSize(h.storePath)
-	var stdout syncBuffer
+	var stdout child.Output
 	snaps := make(chan cpuSnapshot, 2)
 	writes := make(chan int64, 2)
 	caddyPid := h.caddy.PID()
@@ -984,7 +1022,7 @@ func (h *harness) measureOnce(name, scenario, site string, conns, streams int, w
 		return nil, fmt.Errorf("%v\n%s", err, stderr.String())
 	}
 	res := new(loadResult)
-	if err := json.Unmarshal(stdout.bytes(), res); err != nil {
+	if err := json.Unmarshal(stdout.Bytes(), res); err != nil {
 		return nil, fmt.Errorf("load %s printed no result (%v):\n%s", name, err, stderr.String())
 	}
 	m := &measurement{name: name, site: site, res: res}

@@ -316,16 +316,16 @@ func (h *harness) section(r report) string {
 // with the analysis of the section it replaces, if there was one.
 const analysisPlaceholder = "<!-- analysis -->\n\n"
 
-// writeSection replaces the section of path that starts with sectionTitle (up to the next
+// writeSection replaces the section of path that starts with title (up to the next
 // second-level heading outside a code block) with section, or appends it. A hand-written
 // "### Analysis" part of the old section is kept.
-func writeSection(path, section string) error {
+func writeSection(path, title, section string) error {
 	old, err := os.ReadFile(path)
 	if err != nil && !os.IsNotExist(err) {
 		return err
 	}
 	text := string(old)
-	start, end := findSection(text, sectionTitle)
+	start, end := findSection(text, title)
 	analysis := "_No analysis written yet for this run._\n\n"
 	if start >= 0 {
 		if a := extractAnalysis(text[start:end]); a != "" {

@@ -1,37 +1,12 @@
-package main
+package fanout
 
 import (
-	"bufio"
-	"bytes"
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 
 	"github.com/caddy-progress/progress/tests/internal/procstat"
 )
-
-// syncBuffer collects a child's stdout.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) firstLine() (string, bool) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	line, err := bufio.NewReader(bytes.NewReader(b.buf.Bytes())).ReadString('\n')
-	if err != nil {
-		return "", false
-	}
-	return strings.TrimSpace(line), true
-}
 
 // ---------------------------------------------------------------------------------------------
 // CPU accounting from /proc: tests/internal/procstat, shared with the other harness

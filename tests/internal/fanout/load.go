@@ -1,13 +1,13 @@
-package main
+package fanout
 
 import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -19,6 +19,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/caddy-progress/progress/tests/internal/samples"
+	"github.com/quic-go/quic-go/http3"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -62,6 +64,7 @@ type runOpts struct {
 	warmup         time.Duration
 	window         time.Duration
 	streamsPerConn int
+	proto          string // h2 (default) or h3: the subscribers' protocol
 	profilePath    string // a CPU profile of the target over the window, if the target can
 	tracePath      string // an execution trace of the target, 3 s from 2 s into the window
 	probeDir       string // where the fsync probe writes ("": no probe)
@@ -128,16 +131,28 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 		states[i] = &jobState{job: j, sent: make([]atomic.Int64, perJob)}
 	}
 
-	// Subscribers: jobs × watchers HTTP/2 streams, streamsPerConn per connection.
+	// Subscribers: jobs × watchers HTTP/2 (or HTTP/3) streams, streamsPerConn per connection:
+	// one Transport per connection.
 	nstreams := sh.jobs * sh.watchers
 	nconns := (nstreams + o.streamsPerConn - 1) / o.streamsPerConn
-	transports := make([]*http.Transport, nconns)
+	major := 2
+	transports := make([]http.RoundTripper, nconns)
 	for i := range transports {
-		transports[i] = h2Transport()
+		if o.proto == "h3" {
+			major = 3
+			transports[i] = &http3.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, DisableCompression: true}
+		} else {
+			transports[i] = h2Transport()
+		}
 	}
 	defer func() {
 		for _, tr := range transports {
-			tr.CloseIdleConnections()
+			switch tr := tr.(type) {
+			case *http3.Transport:
+				tr.Close()
+			case *http.Transport:
+				tr.CloseIdleConnections()
+			}
 		}
 	}()
 	res.streams, res.conns = nstreams, nconns
@@ -170,7 +185,7 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 			// Watcher w of job j goes on connection (j+w) mod nconns: the watchers of one job
 			// sit on different connections, as different clients would.
 			cl := &http.Client{Transport: transports[(s%sh.jobs+s/sh.jobs)%nconns]}
-			req, _ := http.NewRequestWithContext(subCtx, http.MethodGet, st.events, nil)
+			req, _ := http.NewRequestWithContext(subCtx, http.MethodGet, st.Events, nil)
 			req.Header.Set("Accept", "text/event-stream")
 			resp, err := cl.Do(req)
 			if err != nil {
@@ -181,7 +196,7 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 				return
 			}
 			defer resp.Body.Close()
-			if resp.StatusCode != http.StatusOK || resp.ProtoMajor != 2 {
+			if resp.StatusCode != http.StatusOK || resp.ProtoMajor != major {
 				noteErr(fmt.Errorf("subscribe: %s over %s", resp.Status, resp.Proto))
 				return
 			}
@@ -288,8 +303,8 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 				body = append(body, `,"message":"k`...)
 				body = strconv.AppendInt(body, k, 10)
 				body = append(body, `"}`...)
-				req, _ := http.NewRequestWithContext(ctx, http.MethodPost, st.callback, bytes.NewReader(body))
-				req.Header.Set("Authorization", "Bearer "+st.token)
+				req, _ := http.NewRequestWithContext(ctx, http.MethodPost, st.Callback, bytes.NewReader(body))
+				req.Header.Set("Authorization", "Bearer "+st.Token)
 				req.Header.Set("Content-Type", "application/json")
 				t0 := int64(time.Since(base))
 				st.sent[k].Store(t0)
@@ -432,38 +447,10 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 	return res, nil
 }
 
-// messageKey finds report k in `"message":"k<k>"` of a job document, without decoding the
-// whole document (at 100,000 events a second a full json.Unmarshal in the harness would cost
-// more CPU than the target under test). -1 when there is none (the first document).
-func messageKey(data []byte) int64 {
-	const marker = `"message":"k`
-	i := bytes.Index(data, []byte(marker))
-	if i < 0 {
-		return -1
-	}
-	var k int64
-	n := 0
-	for _, c := range data[i+len(marker):] {
-		if c < '0' || c > '9' {
-			break
-		}
-		k = k*10 + int64(c-'0')
-		n++
-	}
-	if n == 0 {
-		return -1
-	}
-	return k
-}
-
-// pct is the q-quantile of sorted xs by nearest rank.
-func pct(xs []int64, q float64) int64 {
-	if len(xs) == 0 {
-		return -1
-	}
-	i := int(math.Ceil(float64(len(xs))*q)) - 1
-	return xs[min(max(i, 0), len(xs)-1)]
-}
+var (
+	messageKey = samples.MessageKey
+	pct        = samples.Pct
+)
 
 // fsyncProbe writes 4 KiB and fdatasyncs a file in dir every 50 ms until end, and returns how
 // long each took: what one durable write costs on this disk while the measurement runs (a

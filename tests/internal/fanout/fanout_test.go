@@ -1,4 +1,4 @@
-package main
+package fanout
 
 import (
 	"os"
@@ -58,7 +58,12 @@ func TestSmokeHub(t *testing.T) {
 	checkSmoke(t, r)
 }
 
-func TestSmokeCaddy(t *testing.T) {
+func TestSmokeCaddy(t *testing.T) { smokeCaddy(t, "h2") }
+
+// TestSmokeCaddyH3 runs the same over HTTP/3 (quic-go's client against Caddy's h3).
+func TestSmokeCaddyH3(t *testing.T) { smokeCaddy(t, "h3") }
+
+func smokeCaddy(t *testing.T, proto string) {
 	if testing.Short() {
 		t.Skip("builds Caddy; skipped with -short")
 	}
@@ -76,21 +81,22 @@ func TestSmokeCaddy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := startCaddy(bin, dir, up)
+	c, err := startCaddy(bin, dir, up, proto == "h3")
 	if err != nil {
-		up.close()
+		up.Close()
 		t.Fatal(err)
 	}
 	o := smokeOpts()
+	o.proto = proto
 	o.ours[c.pid()] = "caddy"
 	r, err := measure(t.Context(), c, smokeShape, o)
-	up.close()
+	up.Close()
 	c.close()
 	if err != nil {
 		t.Fatal(err)
 	}
 	checkSmoke(t, r)
-	if lines := c.errorLines(); len(lines) > 0 {
+	if lines := c.ErrorLines(); len(lines) > 0 {
 		t.Errorf("caddy logged %d errors, first: %s", len(lines), lines[0])
 	}
 }

@@ -1,19 +1,13 @@
-package main
+package fanout
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/hmac"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -24,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/caddy-progress/progress/tests/internal/caddyrun"
 	"github.com/caddy-progress/progress/tests/internal/child"
 )
 
@@ -200,7 +195,7 @@ func (h *hub) events(w http.ResponseWriter, r *http.Request, id string) {
 // serveHub serves the hub: HTTP/2 over TLS on tlsLn (subscribers), HTTP/1.1 on cbLn
 // (callbacks), until ctx ends.
 func serveHub(ctx context.Context, tlsLn, cbLn net.Listener) error {
-	cert, err := selfSigned()
+	cert, err := caddyrun.SelfSigned()
 	if err != nil {
 		return err
 	}
@@ -218,25 +213,9 @@ func serveHub(ctx context.Context, tlsLn, cbLn net.Listener) error {
 	return nil
 }
 
-func selfSigned() (tls.Certificate, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "127.0.0.1"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, KeyUsage: x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
-}
-
-// hubMain is the hub as its own process (`latency __hub`): it prints "<tls addr> <callback
+// HubMain is the hub as its own process (`latency __hub`): it prints "<tls addr> <callback
 // addr>" on its first line and serves until SIGTERM.
-func hubMain(args []string) int {
+func HubMain(args []string) int {
 	fs := flag.NewFlagSet("hub", flag.ContinueOnError)
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -251,7 +230,7 @@ func hubMain(args []string) int {
 		fmt.Fprintln(os.Stderr, "hub:", err)
 		return 1
 	}
-	fmt.Println(tlsLn.Addr().String(), cbLn.Addr().String())
+	fmt.Fprintln(Out, tlsLn.Addr().String(), cbLn.Addr().String())
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
 	if err := serveHub(ctx, tlsLn, cbLn); err != nil {
@@ -270,14 +249,14 @@ type hubTarget struct {
 }
 
 func startHubProc(self, dir string) (*hubTarget, error) {
-	var out syncBuffer
+	var out child.Output
 	p, err := child.Start("hub", self, []string{"__hub"}, os.Environ(), dir, &out, os.Stderr, nil)
 	if err != nil {
 		return nil, err
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
-		if line, ok := out.firstLine(); ok {
+		if line, ok := out.FirstLine(); ok {
 			f := strings.Fields(line)
 			if len(f) != 2 {
 				p.Stop(time.Second)
@@ -322,9 +301,9 @@ func (h *hubTarget) makeJobs(_ context.Context, n int) ([]job, error) {
 	jobs := make([]job, n)
 	for i := range jobs {
 		id := fmt.Sprintf("hubjob%06d", i)
-		jobs[i] = job{id: id, token: hubToken(id),
-			callback: "http://" + h.cbAddr + "/_jobs/" + id + "/progress",
-			events:   "https://" + h.tlsAddr + "/_jobs/" + id + "/events"}
+		jobs[i] = job{ID: id, Token: hubToken(id),
+			Callback: "http://" + h.cbAddr + "/_jobs/" + id + "/progress",
+			Events:   "https://" + h.tlsAddr + "/_jobs/" + id + "/events"}
 	}
 	return jobs, nil
 }

@@ -1,0 +1,65 @@
+package fanout
+
+import (
+	"context"
+	"errors"
+
+	"github.com/caddy-progress/progress/tests/internal/caddyrun"
+)
+
+// job is one job under measurement, however the target made it.
+type job = caddyrun.Job
+
+// target is what the clients measure: Caddy with the plugin, or the in-memory baseline hub.
+type target interface {
+	name() string
+	pid() int
+	makeJobs(ctx context.Context, n int) ([]job, error)
+	// profile fetches a CPU profile of the target's process, if it can, into path.
+	profile(ctx context.Context, seconds int, path string) error
+	// trace fetches an execution trace of the target's process, if it can, into path.
+	trace(ctx context.Context, seconds int, path string) error
+	close()
+}
+
+// caddyTarget is Caddy with the plugin (tests/internal/caddyrun), as a target.
+type caddyTarget struct {
+	*caddyrun.Caddy
+	label string
+}
+
+// startCaddy starts Caddy with a fresh store (fsync on, as always) and GC tracing in its log;
+// with h3 its TLS site also serves HTTP/3.
+func startCaddy(bin, parent string, up *caddyrun.Upstream, h3 bool) (*caddyTarget, error) {
+	c, err := caddyrun.Start(bin, parent, up, caddyrun.Options{Env: []string{"GODEBUG=gctrace=1"}, HTTP3: h3})
+	if err != nil {
+		return nil, err
+	}
+	return &caddyTarget{Caddy: c}, nil
+}
+
+func (c *caddyTarget) name() string { return "caddy" }
+func (c *caddyTarget) pid() int     { return c.PID() }
+func (c *caddyTarget) close()       { c.Close() }
+
+func (c *caddyTarget) makeJobs(ctx context.Context, n int) ([]job, error) { return c.MakeJobs(ctx, n) }
+
+func (c *caddyTarget) profile(ctx context.Context, seconds int, path string) error {
+	return c.Profile(ctx, seconds, path)
+}
+
+func (c *caddyTarget) trace(ctx context.Context, seconds int, path string) error {
+	return c.Trace(ctx, seconds, path)
+}
+
+var (
+	buildCaddy    = caddyrun.Build
+	moduleRoot    = caddyrun.ModuleRoot
+	startUpstream = caddyrun.StartUpstream
+	h2Transport   = caddyrun.H2Transport
+)
+
+var errNotSupported = errors.New("not supported")
+
+// gcLines are Caddy's gctrace lines, for the GC cycles in a window.
+func (c *caddyTarget) gcLines() []string { return c.GCLines() }
