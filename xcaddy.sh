@@ -74,7 +74,7 @@ verb_bench() {
 }
 
 verb_bench_scale() {
-	say "go run ./tests/bench -scenario scale -write $* (about 15 minutes; see tests/bench/idle.go, longpoll.go)"
+	say "go run ./tests/bench -scenario scale -write $* (about 10 minutes on a quiet machine; see tests/bench/main.go)"
 	go run ./tests/bench -scenario scale -write "$@"
 }
 
