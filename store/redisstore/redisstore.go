@@ -204,10 +204,10 @@ func (s *redisStore) fail(err error) error {
 }
 
 // transient reports whether Redis answered that it cannot serve now: loading its data after a
-// restart, running a long script, unable to persist (MISCONF: a full disk), a replica
-// without its primary.
+// restart, running a long script, unable to persist (MISCONF: a full disk), out of memory
+// (OOM, with maxmemory-policy noeviction), a replica without its primary.
 func transient(err error) bool {
-	for _, prefix := range []string{"LOADING", "BUSY", "MISCONF", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN"} {
+	for _, prefix := range []string{"LOADING", "BUSY", "MISCONF", "OOM", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN"} {
 		if strings.HasPrefix(err.Error(), prefix) {
 			return true
 		}
