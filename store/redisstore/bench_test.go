@@ -2,6 +2,7 @@ package redisstore
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -14,11 +15,12 @@ import (
 )
 
 // BenchmarkCreate creates jobs from 64 goroutines in the bbolt store and in the Redis store,
-// in the same run: with -count N the two alternate (bbolt, redis, bbolt, …). Both
-// acknowledge a job only once it is durable: bbolt fsyncs its file (group commit), Redis
-// fsyncs its append-only file (appendfsync always) before it replies.
+// in the same run, bbolt first. (-count N runs each N times in a row: to alternate, run the
+// command N times with -count 1.) Both acknowledge a job only once it is durable: bbolt
+// fsyncs its file (group commit), Redis fsyncs its append-only file (appendfsync always)
+// before it replies. BENCH_REDIS_QUERY is appended to the Redis URL (say ?pool_size=64).
 //
-//	go test -run '^$' -bench BenchmarkCreate -benchtime 5s -count 5 ./store/redisstore
+//	for i in 1 2 3 4 5; do go test -run '^$' -bench BenchmarkCreate -benchtime 3s -count 1 ./store/redisstore; done
 func BenchmarkCreate(b *testing.B) {
 	spec := store.NewJob{Owner: "bench", Request: store.RequestInfo{Method: "POST", URI: "/reports"}, Route: "POST /reports/*", Running: true}
 	run := func(b *testing.B, s store.Store) {
@@ -45,7 +47,7 @@ func BenchmarkCreate(b *testing.B) {
 	})
 	b.Run("redis", func(b *testing.B) {
 		srv := redistest.Start(b)
-		s, err := Open(context.Background(), srv.URL(), Options{})
+		s, err := Open(context.Background(), srv.URL()+os.Getenv("BENCH_REDIS_QUERY"), Options{})
 		if err != nil {
 			b.Fatal(err)
 		}
