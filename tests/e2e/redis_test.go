@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -322,4 +323,41 @@ func TestRedisUnreachable(t *testing.T) {
 		t.Errorf("running job after the outage: %s", got.State)
 	}
 	wantStatus(t, cl.do(t, http.MethodPost, doc.Links.Cancel, nil), http.StatusOK)
+}
+
+// TestRedisReload: a reload that keeps the Redis URL keeps the open store and engine (the
+// shared UsagePool entry): a running job's upstream request is not cut, its lease is still
+// renewed, and it ends as asked afterwards.
+func TestRedisReload(t *testing.T) {
+	needBinaries(t)
+	srv := redistest.Start(t)
+	const lease = time.Second
+	a := startRedisCaddy(t, srv.URL(), lease.String(), 0)
+	b := startRedisCaddy(t, srv.URL(), lease.String(), 0)
+	onA, onB := a.newClient(t, "h1"), b.newClient(t, "h1")
+	doc, _ := onA.startJob(t, http.MethodGet, "/jobs/hang", nil)
+	upstreamSeen(t, doc.ID, "started", 10*time.Second)
+	config, err := os.ReadFile(a.configPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reloaded := strings.Replace(string(config), "heartbeat 1s", "heartbeat 2s", 1)
+	if reloaded == string(config) {
+		t.Fatal("the test Caddyfile has no heartbeat line to change")
+	}
+	if _, err := a.reloadConfig(reloaded, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	// Three lease times: a store reopened by the reload would have let the old lease go, and
+	// B would have ended the job as interrupted.
+	if seen := upstreamSeen(t, doc.ID, "ctx_done", 3*lease); seen.CtxDone {
+		t.Fatal("the reload cut the job's upstream request")
+	}
+	if got := onB.job(t, doc.ID); got.State != "running" {
+		t.Fatalf("after the reload the job is %s, want running", got.State)
+	}
+	wantStatus(t, onA.do(t, http.MethodPost, doc.Links.Cancel, nil), http.StatusOK)
+	if got := onB.job(t, doc.ID); got.State != "canceled" {
+		t.Fatalf("canceled job seen on B: %s", got.State)
+	}
 }
