@@ -179,17 +179,25 @@ func TestRedisThreeInstances(t *testing.T) {
 	}
 }
 
+// hangingJobOnA starts two Caddy instances, A and B, on one Redis with the given lease time,
+// and a job on A whose upstream request hangs until it is cut.
+func hangingJobOnA(t *testing.T, lease time.Duration) (a *caddyProc, onA, onB *client, doc jobDoc) {
+	t.Helper()
+	needBinaries(t)
+	srv := redistest.Start(t)
+	a = startRedisCaddy(t, srv.URL(), lease.String(), 0)
+	b := startRedisCaddy(t, srv.URL(), lease.String(), 0)
+	onA, onB = a.newClient(t, "h1"), b.newClient(t, "h1")
+	doc, _ = onA.startJob(t, http.MethodGet, "/jobs/hang", nil)
+	upstreamSeen(t, doc.ID, "started", 10*time.Second)
+	return a, onA, onB, doc
+}
+
 // TestRedisInstanceKilled: SIGKILL the instance running a job; another instance ends it as
 // failed/interrupted once the lease lapses, and its SSE subscribers see that done event.
 func TestRedisInstanceKilled(t *testing.T) {
-	needBinaries(t)
-	srv := redistest.Start(t)
 	const lease = time.Second
-	a := startRedisCaddy(t, srv.URL(), lease.String(), 0)
-	b := startRedisCaddy(t, srv.URL(), lease.String(), 0)
-	onA, onB := a.newClient(t, "h1"), b.newClient(t, "h1")
-	doc, _ := onA.startJob(t, http.MethodGet, "/jobs/hang", nil)
-	upstreamSeen(t, doc.ID, "started", 10*time.Second)
+	a, _, onB, doc := hangingJobOnA(t, lease)
 
 	stream, ended := followInBackground(t, onB, doc.Links.Events, sseOptions{})
 	killed := time.Now()
@@ -329,14 +337,8 @@ func TestRedisUnreachable(t *testing.T) {
 // shared UsagePool entry): a running job's upstream request is not cut, its lease is still
 // renewed, and it ends as asked afterwards.
 func TestRedisReload(t *testing.T) {
-	needBinaries(t)
-	srv := redistest.Start(t)
 	const lease = time.Second
-	a := startRedisCaddy(t, srv.URL(), lease.String(), 0)
-	b := startRedisCaddy(t, srv.URL(), lease.String(), 0)
-	onA, onB := a.newClient(t, "h1"), b.newClient(t, "h1")
-	doc, _ := onA.startJob(t, http.MethodGet, "/jobs/hang", nil)
-	upstreamSeen(t, doc.ID, "started", 10*time.Second)
+	a, onA, onB, doc := hangingJobOnA(t, lease)
 	config, err := os.ReadFile(a.configPath)
 	if err != nil {
 		t.Fatal(err)
