@@ -57,7 +57,23 @@ func New(st store.Store, log *zap.Logger, statusOf StatusOf, secret []byte) *Eng
 	if len(secret) == 0 {
 		secret = st.Secret()
 	}
-	return &Engine{Store: st, Log: log, StatusOf: statusOf, signer: upstreamhook.NewSigner(secret), running: make(map[string]context.CancelCauseFunc), closing: make(chan struct{})}
+	e := &Engine{Store: st, Log: log, StatusOf: statusOf, signer: upstreamhook.NewSigner(secret), running: make(map[string]context.CancelCauseFunc), closing: make(chan struct{})}
+	if n, ok := st.(store.EndNotifier); ok {
+		// A store shared by several instances: a job running here may be canceled or deleted
+		// through another; its upstream request must stop here all the same.
+		n.OnEndedElsewhere(e.abort)
+	}
+	return e
+}
+
+// abort stops the upstream request of a job that was ended (canceled, deleted) elsewhere.
+func (e *Engine) abort(id string) {
+	e.mu.Lock()
+	cancel := e.running[id]
+	e.mu.Unlock()
+	if cancel != nil {
+		cancel(errCanceled)
+	}
 }
 
 // Token is the upstream's secret for reporting progress on job id (DESIGN.md section 4): an
@@ -76,12 +92,7 @@ func (e *Engine) Cancel(ctx context.Context, id string) (*store.Job, error) {
 	if err != nil {
 		return nil, err
 	}
-	e.mu.Lock()
-	cancel := e.running[id]
-	e.mu.Unlock()
-	if cancel != nil {
-		cancel(errCanceled)
-	}
+	e.abort(id)
 	return job, nil
 }
 

@@ -19,6 +19,14 @@ import (
 // down). The engine answers 503 store-unavailable; the caller may try again.
 var ErrUnavailable = errors.New("store: backend unavailable")
 
+// EndNotifier is implemented by stores that several processes share: a job this process runs
+// may be ended (canceled, deleted) by another, and the process should then stop its upstream
+// request. OnEndedElsewhere registers f, called with the id of every such job; call it once,
+// before jobs start.
+type EndNotifier interface {
+	OnEndedElsewhere(f func(id string))
+}
+
 // Versions makes the versions of jobs under a store's options and secret.
 type Versions struct {
 	opts     Options

@@ -131,7 +131,7 @@ func (s *redisStore) change(ctx context.Context, id string, mutate func(prev, j 
 		r, err := updateScript.Run(writeCtx(ctx), s.rdb, nil,
 			s.prefix, id, strconv.FormatUint(prev.Seq, 10), v.Record, string(v.Event.Kind), v.Event.Data,
 			member(j), hex.EncodeToString(j.OwnerHash), string(prev.State), string(j.State), terminal,
-			s.opts.Retain.Milliseconds(), expires, s.opts.MaxEventsPerJob, idemHex(j), head, spool).Int()
+			s.opts.Retain.Milliseconds(), expires, s.opts.MaxEventsPerJob, idemHex(j), head, spool, s.inst).Int()
 		if err != nil {
 			return nil, false, s.fail(err)
 		}
@@ -187,7 +187,7 @@ func (s *redisStore) Delete(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	n, err := deleteScript.Run(writeCtx(ctx), s.rdb, nil, s.prefix, id, member(j), hex.EncodeToString(j.OwnerHash), idemHex(j), tombstoneTTL.Milliseconds()).Int()
+	n, err := deleteScript.Run(writeCtx(ctx), s.rdb, nil, s.prefix, id, member(j), hex.EncodeToString(j.OwnerHash), idemHex(j), tombstoneTTL.Milliseconds(), s.inst).Int()
 	if err != nil {
 		return s.fail(err)
 	}

@@ -16,6 +16,7 @@
 //	lease:{inst}      string with a TTL: the instance is alive
 //	active:{inst}     set: the unfinished jobs an instance runs
 //	instances         set: the instances that have run jobs
+//	ctl:{inst}        stream: the jobs an instance runs that others canceled or deleted
 //	secret, route:{name}
 //
 // # Durability
@@ -91,6 +92,7 @@ type redisStore struct {
 	inst     string
 	feed     *store.Feed
 	tail     *tailer
+	onEnded  atomic.Pointer[func(id string)]
 
 	ctx       context.Context // ends at Close
 	cancel    context.CancelFunc
@@ -223,6 +225,10 @@ func (s *redisStore) check() error {
 	return nil
 }
 
+// OnEndedElsewhere registers the listener for the jobs this instance runs that other
+// instances cancel or delete (store.EndNotifier).
+func (s *redisStore) OnEndedElsewhere(f func(id string)) { s.onEnded.Store(&f) }
+
 func (s *redisStore) OwnerHash(owner string) []byte { return s.versions.OwnerHash(owner) }
 
 func (s *redisStore) Secret() []byte { return append([]byte(nil), s.secret...) }
@@ -268,4 +274,7 @@ func (s *redisStore) wait(d time.Duration) bool {
 	}
 }
 
-var _ store.Store = (*redisStore)(nil)
+var (
+	_ store.Store       = (*redisStore)(nil)
+	_ store.EndNotifier = (*redisStore)(nil)
+)

@@ -294,3 +294,44 @@ func TestKeysExpireAndGo(t *testing.T) {
 		}
 	}
 }
+
+// TestEndedElsewhere: the instance running a job hears when another instance cancels or
+// deletes it, and not when it ends the job itself.
+func TestEndedElsewhere(t *testing.T) {
+	srv := redistest.Start(t)
+	prefix := freshPrefix()
+	a, b := openTest(t, srv, prefix, Options{}), openTest(t, srv, prefix, Options{})
+	heard := make(chan string, 10)
+	a.OnEndedElsewhere(func(id string) { heard <- id })
+	ctx := context.Background()
+	newJob := func() string {
+		j, _, err := a.Create(ctx, store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return j.ID
+	}
+	own, canceled, deleted := newJob(), newJob(), newJob()
+	if _, _, err := a.Cancel(ctx, own); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := b.Cancel(ctx, canceled); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Delete(ctx, deleted); err != nil {
+		t.Fatal(err)
+	}
+	// The control stream is read in order: once the deletion is heard, the cancel of own
+	// (written before the other two) would have been heard first.
+	timeout := time.After(30 * time.Second)
+	for _, want := range []string{canceled, deleted} {
+		select {
+		case id := <-heard:
+			if id != want {
+				t.Fatalf("heard %s, want %s (own job %s)", id, want, own)
+			}
+		case <-timeout:
+			t.Fatalf("did not hear of %s", want)
+		}
+	}
+}

@@ -7,8 +7,17 @@ import "github.com/redis/go-redis/v9"
 // store targets one Redis server (or a replicated primary), not Redis Cluster, whose scripts
 // must name every key up front.
 
-// luaPrelude is shared by the scripts that take a job out of the listings.
+// luaPrelude is shared by the scripts that take a job out of the listings or end a job.
 const luaPrelude = `
+-- tellOwner tells the instance running a job that another one ended it, on that instance's
+-- control stream, which its reader follows: it stops the job's upstream request.
+local function tellOwner(P, inst, writer, id)
+	if inst and inst ~= writer then
+		local ctl = P .. 'ctl:' .. inst
+		redis.call('XADD', ctl, 'MAXLEN', '~', 1000, '*', 'id', id)
+		redis.call('PEXPIRE', ctl, 86400000)
+	end
+end
 local states = {'queued', 'running', 'succeeded', 'failed', 'canceled'}
 local function unindex(P, member, owner)
 	local own = P .. 'own:' .. owner
@@ -49,10 +58,11 @@ return ''
 // made from (compare and set: the seq stays contiguous however many instances write). ARGV:
 // prefix, id, expected seq, record, event kind, document, listing member, owner hash, previous
 // state, new state, terminal ("1" or ""), retention in ms, expiry time in ms, events kept,
-// idempotency index, result head ("" for none), result spool key ("" for none). Returns 1
+// idempotency index, result head ("" for none), result spool key ("" for none), the writing
+// instance. Returns 1
 // when stored, 0 when another write came first, -1 when the job is gone, -2 when the spool
 // is gone.
-var updateScript = redis.NewScript(`
+var updateScript = redis.NewScript(luaPrelude + `
 local P, id = ARGV[1], ARGV[2]
 local job = P .. 'job:' .. id
 local seq = redis.call('HGET', job, 'seq')
@@ -77,6 +87,7 @@ if spool ~= '' then redis.call('RENAME', spool, body) end
 if ARGV[11] == '1' then
 	local inst = redis.call('HGET', job, 'inst')
 	if inst then redis.call('SREM', P .. 'active:' .. inst, id) end
+	tellOwner(P, inst, ARGV[18], id)
 	redis.call('ZADD', P .. 'expiry', ARGV[13], ARGV[7] .. '|' .. ARGV[8])
 	redis.call('PEXPIRE', job, ARGV[12])
 	redis.call('PEXPIRE', ev, ARGV[12])
@@ -88,14 +99,16 @@ return 1
 
 // deleteScript forgets a job and leaves a tombstone in its event stream, so that the instances
 // following the stream end their subscribers with "not found". ARGV: prefix, id, listing
-// member, owner hash, idempotency index, tombstone lifetime in ms. Returns 0 if there was no
-// such job.
+// member, owner hash, idempotency index, tombstone lifetime in ms, the writing instance.
+// Returns 0 if there was no such job.
 var deleteScript = redis.NewScript(luaPrelude + `
 local P, id, member, owner, idem = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local job = P .. 'job:' .. id
 if redis.call('EXISTS', job) == 0 then return 0 end
 local inst = redis.call('HGET', job, 'inst')
-if inst then redis.call('SREM', P .. 'active:' .. inst, id) end
+if inst and redis.call('SREM', P .. 'active:' .. inst, id) == 1 then
+	tellOwner(P, inst, ARGV[7], id)
+end
 redis.call('DEL', job, P .. 'body:' .. id)
 unindex(P, member, owner)
 redis.call('ZREM', P .. 'expiry', member .. '|' .. owner)

@@ -31,14 +31,15 @@ type tailer struct {
 	cursors map[string]uint64 // job id → newest seq published to the feed
 	gen     uint64            // bumped when a job is added to cursors
 
+	ctlCursor string // newest entry read from this instance's control stream
+
 	reading atomic.Uint64 // gen of the XREAD in flight
 	connID  atomic.Int64  // CLIENT ID of the reader's connection; 0 between connections
-	added   chan struct{} // wakes an idle reader
 	kick    chan struct{} // asks the kicker to unblock the reader
 }
 
 func newTailer(s *redisStore) *tailer {
-	return &tailer{s: s, cursors: make(map[string]uint64), added: make(chan struct{}, 1), kick: make(chan struct{}, 1)}
+	return &tailer{s: s, cursors: make(map[string]uint64), ctlCursor: "0-0", kick: make(chan struct{}, 1)}
 }
 
 func signal(c chan struct{}) {
@@ -59,7 +60,6 @@ func (t *tailer) follow(id string, from uint64) {
 	}
 	t.cursors[id] = from
 	t.gen++
-	signal(t.added)
 	signal(t.kick)
 }
 
@@ -82,24 +82,30 @@ func (t *tailer) offer(ev store.Event) {
 }
 
 // streams drops the jobs nobody watches any more and returns the XREAD arguments for the
-// others: the stream keys, then the ids to read after.
+// others, and for this instance's control stream (see ctl): the stream keys, then the ids to
+// read after.
 func (t *tailer) streams() ([]string, uint64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	args := make([]string, 0, 2*len(t.cursors))
+	keys := make([]string, 0, 2*len(t.cursors)+2)
 	for id := range t.cursors {
 		if !t.s.feed.Watched(id) {
 			delete(t.cursors, id)
 			continue
 		}
-		args = append(args, t.s.key("ev", id))
+		keys = append(keys, t.s.key("ev", id))
 	}
-	for _, k := range args {
-		id := k[len(k)-32:]
-		args = append(args, strconv.FormatUint(t.cursors[id], 10)+"-0")
+	n := len(keys)
+	keys = append(keys, t.ctl())
+	for _, k := range keys[:n] {
+		keys = append(keys, strconv.FormatUint(t.cursors[k[len(k)-32:]], 10)+"-0")
 	}
-	return args, t.gen
+	return append(keys, t.ctlCursor), t.gen
 }
+
+// ctl is this instance's control stream: the ids of the jobs it runs that other instances
+// ended (tellOwner in the scripts).
+func (t *tailer) ctl() string { return t.s.key("ctl", t.s.inst) }
 
 // run is the reader: connect, then XREAD the followed streams until the store closes. When
 // Redis cannot be reached it ends every subscription (clients reconnect with Last-Event-ID
@@ -134,14 +140,6 @@ func (t *tailer) read(conn *redis.Conn) error {
 	for {
 		args, gen := t.streams()
 		t.reading.Store(gen)
-		if len(args) == 0 {
-			select {
-			case <-t.added:
-				continue
-			case <-ctx.Done():
-				return nil
-			}
-		}
 		res, err := conn.XRead(ctx, &redis.XReadArgs{Streams: args, Count: tailCount, Block: tailBlock}).Result()
 		if ctx.Err() != nil {
 			return nil
@@ -153,6 +151,10 @@ func (t *tailer) read(conn *redis.Conn) error {
 			return err
 		}
 		for _, st := range res {
+			if st.Stream == t.ctl() {
+				t.endedElsewhere(st.Messages)
+				continue
+			}
 			job := st.Stream[len(st.Stream)-32:]
 			for _, m := range st.Messages {
 				ev, ok, err := eventOf(job, m)
@@ -166,6 +168,17 @@ func (t *tailer) read(conn *redis.Conn) error {
 				}
 				t.deliver(ev)
 			}
+		}
+	}
+}
+
+// endedElsewhere hands the jobs that other instances ended to the store's listener.
+func (t *tailer) endedElsewhere(msgs []redis.XMessage) {
+	f := t.s.onEnded.Load()
+	for _, m := range msgs {
+		t.ctlCursor = m.ID
+		if id, ok := m.Values["id"].(string); ok && f != nil {
+			(*f)(id)
 		}
 	}
 }

@@ -363,3 +363,16 @@ func TestRedisReload(t *testing.T) {
 		t.Fatalf("canceled job seen on B: %s", got.State)
 	}
 }
+
+// TestRedisCancelElsewhere: a job canceled through another instance stops its upstream
+// request on the instance running it, and frees its slot there.
+func TestRedisCancelElsewhere(t *testing.T) {
+	_, _, onB, doc := hangingJobOnA(t, 10*time.Second)
+	wantStatus(t, onB.do(t, http.MethodPost, doc.Links.Cancel, nil), http.StatusOK)
+	if seen := upstreamSeen(t, doc.ID, "ctx_done", 20*time.Second); !seen.CtxDone {
+		t.Fatal("the upstream request on A went on after the job was canceled through B")
+	}
+	if got := onB.job(t, doc.ID); got.State != "canceled" {
+		t.Fatalf("job canceled through B is %s", got.State)
+	}
+}
