@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/caddy-progress/progress/engine"
 	"github.com/caddy-progress/progress/store"
+	"github.com/caddy-progress/progress/store/redisstore"
 	"github.com/caddy-progress/progress/upstreamhook"
 )
 
@@ -31,9 +33,14 @@ func init() {
 // App is the `progress` app: the options every `progress` and `progress_api` handler shares,
 // and the store they keep jobs in. Configure it with the `progress` global option.
 type App struct {
-	// Store is the path of the job store file. Default: progress/progress.db under Caddy's
-	// data directory.
+	// Store is where jobs are kept: the path of a bbolt file (default progress/progress.db
+	// under Caddy's data directory), or the URL of a Redis server
+	// (redis://[user:password@]host:port/db, rediss:// for TLS), shared by every Caddy instance
+	// configured with it. Placeholders such as {env.REDIS_URL} are expanded.
 	Store string `json:"store,omitempty"`
+	// LeaseTime, with a Redis store, is how long an instance may fail to renew its lease
+	// before the other instances end its unfinished jobs as failed/interrupted. Default 10s.
+	LeaseTime caddy.Duration `json:"lease_time,omitempty"`
 	// Retain is how long finished jobs, their events and results are kept. Default 24h.
 	Retain caddy.Duration `json:"retain,omitempty"`
 	// JobsPath is where the job API lives. Default /_jobs.
@@ -47,7 +54,8 @@ type App struct {
 	WriteTimeout caddy.Duration `json:"write_timeout,omitempty"`
 	// OpenTimeout is how long to wait for a store file another process holds. Default 5s.
 	OpenTimeout caddy.Duration `json:"open_timeout,omitempty"`
-	// MaxResultSize bounds a stored upstream response body. Default 1 GiB.
+	// MaxResultSize bounds a stored upstream response body. Default 1 GiB with a file store,
+	// 64 MiB with Redis (which keeps results in memory).
 	MaxResultSize int64 `json:"max_result_size,omitempty"`
 	// MaxEventSize bounds a job document, so every event. Default 64 KiB.
 	MaxEventSize int `json:"max_event_size,omitempty"`
@@ -80,8 +88,8 @@ func (App) CaddyModule() caddy.ModuleInfo {
 // minSecretLen is the shortest callback_secret accepted: tokens are only as strong as it.
 const minSecretLen = 32
 
-// stores holds one open store and engine per file path, across config reloads: Caddy
-// provisions the new config before it cleans up the old one, and bbolt locks its file.
+// stores holds one open store and engine per file path or Redis URL, across config reloads:
+// Caddy provisions the new config before it cleans up the old one, and bbolt locks its file.
 var stores = caddy.NewUsagePool()
 
 // shared is what one store file gives every config that uses it.
@@ -114,15 +122,21 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if a.JobsPath == "" {
 		a.JobsPath = engine.DefaultJobsPath
 	}
-	path := a.Store
-	if path == "" {
-		path = filepath.Join(caddy.AppDataDir(), "progress", "progress.db")
+	location := caddy.NewReplacer().ReplaceKnown(a.Store, "")
+	redisURL := isRedisURL(location)
+	switch {
+	case redisURL:
+		a.path = location
+	default:
+		if location == "" {
+			location = filepath.Join(caddy.AppDataDir(), "progress", "progress.db")
+		}
+		abs, err := filepath.Abs(location)
+		if err != nil {
+			return fmt.Errorf("progress: store path %q: %w", location, err)
+		}
+		a.path = filepath.Clean(abs)
 	}
-	abs, err := filepath.Abs(path)
-	if err != nil {
-		return fmt.Errorf("progress: store path %q: %w", path, err)
-	}
-	a.path = filepath.Clean(abs)
 	opts := store.Options{
 		Retain: time.Duration(a.Retain), OpenTimeout: time.Duration(a.OpenTimeout),
 		MaxResultSize: a.MaxResultSize, MaxEventSize: a.MaxEventSize, MaxDataSize: a.MaxDataSize,
@@ -139,7 +153,13 @@ func (a *App) Provision(ctx caddy.Context) error {
 	val, loaded, err := stores.LoadOrNew(a.path, func() (caddy.Destructor, error) {
 		sh := new(shared)
 		opts.ObserveCommit = sh.observeCommit
-		st, err := store.Open(a.path, opts)
+		var st store.Store
+		var err error
+		if redisURL {
+			st, err = redisstore.Open(ctx, a.path, redisstore.Options{Options: opts, LeaseTime: time.Duration(a.LeaseTime)})
+		} else {
+			st, err = store.Open(a.path, opts)
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -150,7 +170,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("progress: %w", err)
 	}
 	if loaded {
-		a.logger.Debug("sharing the open job store", zap.String("store", a.path))
+		a.logger.Debug("sharing the open job store", zap.String("store", redactedStore(a.path)))
 	}
 	a.shared = val.(*shared)
 	if err := a.provisionMetrics(ctx); err != nil {
@@ -168,6 +188,23 @@ func (a *App) Provision(ctx caddy.Context) error {
 	return nil
 }
 
+// isRedisURL reports whether a store location names a Redis server rather than a file.
+func isRedisURL(location string) bool {
+	return strings.HasPrefix(location, "redis://") || strings.HasPrefix(location, "rediss://")
+}
+
+// redactedStore is a store location fit for a log: a Redis URL without its password.
+func redactedStore(location string) string {
+	if !isRedisURL(location) {
+		return location
+	}
+	u, err := url.Parse(location)
+	if err != nil {
+		return "redis (unparsable URL)"
+	}
+	return u.Redacted()
+}
+
 // onStopping runs a function when Caddy starts stopping a config.
 type onStopping func()
 
@@ -181,7 +218,7 @@ func (a *App) Validate() error {
 	if !strings.HasPrefix(a.JobsPath, "/") || strings.HasSuffix(a.JobsPath, "/") || strings.ContainsAny(a.JobsPath, "*?#") {
 		return fmt.Errorf("progress: jobs_path %q must start with / and not end with one, as in /_jobs", a.JobsPath)
 	}
-	for name, d := range map[string]caddy.Duration{"retain": a.Retain, "max_wait": a.MaxWait, "heartbeat": a.Heartbeat, "write_timeout": a.WriteTimeout, "open_timeout": a.OpenTimeout} {
+	for name, d := range map[string]caddy.Duration{"lease_time": a.LeaseTime, "retain": a.Retain, "max_wait": a.MaxWait, "heartbeat": a.Heartbeat, "write_timeout": a.WriteTimeout, "open_timeout": a.OpenTimeout} {
 		if d < 0 {
 			return fmt.Errorf("progress: %s must not be negative", name)
 		}

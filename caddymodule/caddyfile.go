@@ -24,7 +24,8 @@ func init() {
 // parseGlobal sets up the progress app from the global option:
 //
 //	progress {
-//		store           <path>
+//		store           <path> | redis://[user:password@]host:port/db | rediss://…
+//		lease_time      <duration>
 //		retain          <duration>
 //		jobs_path       <path>
 //		max_wait        <duration>
@@ -60,6 +61,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = oneString(d, &a.Store)
 		case "jobs_path":
 			err = oneString(d, &a.JobsPath)
+		case "lease_time":
+			err = oneDuration(d, &a.LeaseTime)
 		case "retain":
 			err = oneDuration(d, &a.Retain)
 		case "max_wait":

@@ -49,7 +49,7 @@ func (storeSize) Collect(ch chan<- prometheus.Metric) {
 	var all []open
 	stores.Range(func(key, value any) bool {
 		if sh, ok := value.(*shared); ok && sh.store != nil {
-			all = append(all, open{fmt.Sprint(key), sh.store})
+			all = append(all, open{redactedStore(fmt.Sprint(key)), sh.store})
 		}
 		return true
 	})

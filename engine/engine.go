@@ -61,7 +61,23 @@ func New(st store.Store, log *zap.Logger, statusOf StatusOf, secret []byte) *Eng
 	if len(secret) == 0 {
 		secret = st.Secret()
 	}
-	return &Engine{Store: st, Log: log, StatusOf: statusOf, signer: upstreamhook.NewSigner(secret), running: make(map[string]context.CancelCauseFunc), closing: make(chan struct{})}
+	e := &Engine{Store: st, Log: log, StatusOf: statusOf, signer: upstreamhook.NewSigner(secret), running: make(map[string]context.CancelCauseFunc), closing: make(chan struct{})}
+	if n, ok := st.(store.EndNotifier); ok {
+		// A store shared by several instances: a job running here may be canceled or deleted
+		// through another; its upstream request must stop here all the same.
+		n.OnEndedElsewhere(e.abort)
+	}
+	return e
+}
+
+// abort stops the upstream request of a job that was ended (canceled, deleted) elsewhere.
+func (e *Engine) abort(id string) {
+	e.mu.Lock()
+	cancel := e.running[id]
+	e.mu.Unlock()
+	if cancel != nil {
+		cancel(errCanceled)
+	}
 }
 
 // SetMetrics turns metrics on (or off, with nil) for what the engine does from now on; the
@@ -90,12 +106,7 @@ func (e *Engine) Cancel(ctx context.Context, id string) (*store.Job, error) {
 	if changed {
 		e.ended(job)
 	}
-	e.mu.Lock()
-	cancel := e.running[id]
-	e.mu.Unlock()
-	if cancel != nil {
-		cancel(errCanceled)
-	}
+	e.abort(id)
 	return job, nil
 }
 

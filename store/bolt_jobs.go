@@ -37,14 +37,20 @@ type change struct {
 // checks the limits, and encodes the document, the record and the event. It reads nothing, so
 // it runs before the write is queued.
 func (s *boltStore) prepare(prev, j *Job, now time.Time) (*change, error) {
+	return prepareChange(&s.opts, prev, j, now)
+}
+
+// prepareChange is prepare under any store's options (see Versions for stores outside this
+// package).
+func prepareChange(opts *Options, prev, j *Job, now time.Time) (*change, error) {
 	if !j.State.Valid() {
 		return nil, fmt.Errorf("%w: unknown state %q", ErrInvalid, j.State)
 	}
 	if prev != nil && prev.State == Running && j.State == Queued {
 		return nil, fmt.Errorf("%w: a running job cannot go back to queued", ErrInvalid)
 	}
-	if j.Progress != nil && len(j.Progress.Data) > s.opts.MaxDataSize && !sameData(prev, j) {
-		return nil, &LimitError{Limit: "max_data_size", Max: int64(s.opts.MaxDataSize), Size: int64(len(j.Progress.Data))}
+	if j.Progress != nil && len(j.Progress.Data) > opts.MaxDataSize && !sameData(prev, j) {
+		return nil, &LimitError{Limit: "max_data_size", Max: int64(opts.MaxDataSize), Size: int64(len(j.Progress.Data))}
 	}
 	j.Seq = 1
 	if prev != nil {
@@ -60,10 +66,10 @@ func (s *boltStore) prepare(prev, j *Job, now time.Time) (*change, error) {
 	kind := KindProgress
 	if j.State.Terminal() {
 		kind = KindDone
-		expires := now.Add(s.opts.Retain)
+		expires := now.Add(opts.Retain)
 		j.FinishedAt, j.ExpiresAt, j.ETASeconds = &now, &expires, nil
 	}
-	doc, err := s.encodeDoc(j)
+	doc, err := encodeDoc(opts, j)
 	if err != nil {
 		return nil, err
 	}
@@ -135,7 +141,7 @@ const keptOnTrim = 1024
 // even one whose last progress filled the limit, or whose limit was lowered since: a terminal
 // document that is too large loses its progress, then long strings are cut, rather than the
 // job staying unfinished for ever.
-func (s *boltStore) encodeDoc(j *Job) ([]byte, error) {
+func encodeDoc(opts *Options, j *Job) ([]byte, error) {
 	trims := []func(){
 		func() { j.Progress = nil },
 		func() {
@@ -150,11 +156,11 @@ func (s *boltStore) encodeDoc(j *Job) ([]byte, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 		}
-		if len(doc) <= s.opts.MaxEventSize {
+		if len(doc) <= opts.MaxEventSize {
 			return doc, nil
 		}
 		if !j.State.Terminal() || i == len(trims) {
-			return nil, &LimitError{Limit: "max_event_size", Max: int64(s.opts.MaxEventSize), Size: int64(len(doc))}
+			return nil, &LimitError{Limit: "max_event_size", Max: int64(opts.MaxEventSize), Size: int64(len(doc))}
 		}
 		trims[i]()
 	}
@@ -208,25 +214,25 @@ func stateByte(s State) byte {
 	return 'c'
 }
 
-func (s *boltStore) Create(ctx context.Context, spec NewJob) (*Job, bool, error) {
+// freshJob makes the document of a job spec asks for, created at now, before its first
+// version is prepared. ownerKey and idemKey are the keys of the owner and Idempotency-Key hashes.
+func freshJob(spec NewJob, now time.Time, ownerKey, idemKey []byte) (*Job, error) {
 	if spec.Request.Method == "" {
-		return nil, false, fmt.Errorf("%w: request method missing", ErrInvalid)
+		return nil, fmt.Errorf("%w: request method missing", ErrInvalid)
 	}
 	base := spec.BasePath
 	if base == "" {
 		base = DefaultBasePath
 	}
-	// The creation time is taken here, not at the commit, because the id carries it.
-	now := time.Now().UTC()
 	_, idText := newID(now)
 	fresh := &Job{
 		ID: idText, State: Queued, CreatedAt: now, Request: spec.Request, Links: linksFor(base, idText),
-		OwnerHash: s.OwnerHash(spec.Owner), Route: spec.Route, Attrs: spec.Attrs,
+		OwnerHash: keyedHash(ownerKey, spec.Owner), Route: spec.Route, Attrs: spec.Attrs,
 		fingerprint: cloneBytes(spec.Fingerprint),
 	}
 	if spec.Running {
 		if spec.QueuePosition > 0 {
-			return nil, false, fmt.Errorf("%w: a running job has no queue position", ErrInvalid)
+			return nil, fmt.Errorf("%w: a running job has no queue position", ErrInvalid)
 		}
 		fresh.State = Running
 	}
@@ -235,7 +241,17 @@ func (s *boltStore) Create(ctx context.Context, spec NewJob) (*Job, bool, error)
 		fresh.QueuePosition = &position
 	}
 	if spec.IdempotencyKey != "" {
-		fresh.idemHash = keyedHash(s.idemKey, spec.IdempotencyKey)
+		fresh.idemHash = keyedHash(idemKey, spec.IdempotencyKey)
+	}
+	return fresh, nil
+}
+
+func (s *boltStore) Create(ctx context.Context, spec NewJob) (*Job, bool, error) {
+	// The creation time is taken here, not at the commit, because the id carries it.
+	now := time.Now().UTC()
+	fresh, err := freshJob(spec, now, s.ownerKey, s.idemKey)
+	if err != nil {
+		return nil, false, err
 	}
 	j := fresh.clone()
 	c, err := s.prepare(nil, j, now)
@@ -799,9 +815,6 @@ func (s *boltStore) Wait(ctx context.Context, id string, after uint64) (Event, e
 		return Event{}, err
 	}
 	defer s.feed.unwatch(id, t)
-	wake := newWaker()
-	t.addWaker(wake)
-	defer t.removeWaker(wake)
 	var current Event
 	err = s.view(func(tx *bolt.Tx) error {
 		j, err := s.loadJob(tx, rid)
@@ -820,20 +833,7 @@ func (s *boltStore) Wait(ctx context.Context, id string, after uint64) (Event, e
 	if current.Seq > after {
 		return current, nil
 	}
-	for {
-		ev, ok, err := t.newest(after)
-		if err != nil {
-			return Event{}, err
-		}
-		if ok {
-			return ev, nil
-		}
-		select {
-		case <-wake:
-		case <-ctx.Done():
-			return Event{}, ctx.Err()
-		}
-	}
+	return (&Feed{s.feed}).Wait(ctx, &Topic{t}, after)
 }
 
 // CountByState counts jobs from the owner index, whose values are the jobs' states, so no

@@ -246,70 +246,6 @@ func TestResultLimit(t *testing.T) {
 	}
 }
 
-func TestEventAndDataLimits(t *testing.T) {
-	s := openTest(t, Options{MaxEventSize: 2048, MaxDataSize: 256})
-	ctx := context.Background()
-	j := newJob(t, s)
-	_, err := s.Update(ctx, j.ID, func(j *Job) error {
-		j.Progress = &Progress{Data: json.RawMessage(`"` + strings.Repeat("d", 300) + `"`)}
-		return nil
-	})
-	var le *LimitError
-	if !errors.As(err, &le) || le.Limit != "max_data_size" {
-		t.Fatalf("oversized data: %v", err)
-	}
-	_, err = s.Update(ctx, j.ID, func(j *Job) error {
-		j.Progress = &Progress{Message: strings.Repeat("m", 3000)}
-		return nil
-	})
-	if !errors.As(err, &le) || le.Limit != "max_event_size" {
-		t.Fatalf("oversized event: %v", err)
-	}
-	_, err = s.Update(ctx, j.ID, func(j *Job) error {
-		j.Progress = &Progress{Data: json.RawMessage(`{not json`)}
-		return nil
-	})
-	if !errors.Is(err, ErrInvalid) {
-		t.Fatalf("malformed data: %v", err)
-	}
-	// None of the refused changes left a trace.
-	if got, _ := s.Get(ctx, j.ID); got.Seq != 1 || got.Progress != nil {
-		t.Fatalf("after refused updates: %+v", got)
-	}
-}
-
-func TestIdempotencyKey(t *testing.T) {
-	s := openTest(t, Options{})
-	ctx := context.Background()
-	spec := NewJob{Owner: "alice", IdempotencyKey: "k1", Fingerprint: []byte("POST /a body1"), Request: RequestInfo{Method: "POST", URI: "/a"}}
-	first, created, err := s.Create(ctx, spec)
-	if err != nil || !created {
-		t.Fatal(err, created)
-	}
-	again, created, err := s.Create(ctx, spec)
-	if err != nil || created || again.ID != first.ID {
-		t.Fatalf("same key: %v created=%v id %s vs %s", err, created, again.ID, first.ID)
-	}
-	other := spec
-	other.Fingerprint = []byte("POST /a body2")
-	if _, _, err := s.Create(ctx, other); !errors.Is(err, ErrIdempotencyMismatch) {
-		t.Fatalf("same key, other request: %v", err)
-	}
-	bob := spec
-	bob.Owner = "bob"
-	b, created, err := s.Create(ctx, bob)
-	if err != nil || !created || b.ID == first.ID {
-		t.Fatalf("same key, other owner: %v created=%v", err, created)
-	}
-	// Once the job is gone, the key is free again.
-	if err := s.Delete(ctx, first.ID); err != nil {
-		t.Fatal(err)
-	}
-	if j, created, err := s.Create(ctx, spec); err != nil || !created || j.ID == first.ID {
-		t.Fatalf("key after delete: %v created=%v", err, created)
-	}
-}
-
 func TestOwnerHashNotOwner(t *testing.T) {
 	s := openTest(t, Options{})
 	ctx := context.Background()
@@ -330,67 +266,6 @@ func TestOwnerHashNotOwner(t *testing.T) {
 		if bytes.Contains(raw, []byte(needle)) {
 			t.Fatalf("store file holds %q in plain text", needle)
 		}
-	}
-}
-
-func TestList(t *testing.T) {
-	s := openTest(t, Options{})
-	ctx := context.Background()
-	var alice []string
-	for i := 0; i < 7; i++ {
-		j, _, err := s.Create(ctx, NewJob{Owner: "alice", Request: RequestInfo{Method: "GET", URI: "/a"}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		alice = append(alice, j.ID)
-		if i%2 == 0 {
-			if _, _, err := s.Cancel(ctx, j.ID); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	newJob(t, s) // someone else's
-	owner := "alice"
-	var got []string
-	cursor := ""
-	for pages := 0; ; pages++ {
-		page, err := s.List(ctx, ListQuery{Owner: &owner, Limit: 3, Cursor: cursor})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, j := range page.Jobs {
-			got = append(got, j.ID)
-		}
-		if page.Next == "" {
-			break
-		}
-		cursor = page.Next
-		if pages > 5 {
-			t.Fatal("paging does not end")
-		}
-	}
-	if len(got) != 7 {
-		t.Fatalf("listed %d of alice's 7 jobs", len(got))
-	}
-	for i := range got {
-		if got[i] != alice[6-i] {
-			t.Fatalf("order: got %v, want newest first of %v", got, alice)
-		}
-	}
-	page, err := s.List(ctx, ListQuery{Owner: &owner, State: Canceled})
-	if err != nil || len(page.Jobs) != 4 {
-		t.Fatalf("alice's canceled: %d %v", len(page.Jobs), err)
-	}
-	all, err := s.List(ctx, ListQuery{Limit: 5})
-	if err != nil || len(all.Jobs) != 5 || all.Next == "" {
-		t.Fatalf("all, page 1: %d next %q %v", len(all.Jobs), all.Next, err)
-	}
-	rest, err := s.List(ctx, ListQuery{Limit: 5, Cursor: all.Next})
-	if err != nil || len(rest.Jobs) != 3 || rest.Next != "" {
-		t.Fatalf("all, page 2: %d next %q %v", len(rest.Jobs), rest.Next, err)
-	}
-	if _, err := s.List(ctx, ListQuery{Cursor: "!!"}); !errors.Is(err, ErrInvalid) {
-		t.Fatalf("bad cursor: %v", err)
 	}
 }
 

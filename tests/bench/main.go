@@ -145,6 +145,7 @@ type options struct {
 	profile      string
 	quietWait    time.Duration
 	keep         bool
+	store        string
 	args         []string
 
 	idleSubs      int
@@ -207,6 +208,7 @@ func harnessMain(args []string) int {
 		o.idleCaddyBins = append(o.idleCaddyBins, v)
 		return nil
 	})
+	fs.StringVar(&o.store, "store", "file", "file (a bbolt file, the default) | redis (a redis-server the harness starts; see redis.go)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -222,6 +224,12 @@ func harnessMain(args []string) int {
 	switch {
 	case !oneOf(o.scenario, "tune", "passthrough", "create", "sweep", "all", "idle", "longpoll", "restart", "fanout", "scale"):
 		fmt.Fprintln(os.Stderr, "bench: -scenario must be tune, passthrough, create, sweep, all, idle, longpoll, restart, fanout or scale")
+		return 2
+	case !oneOf(o.store, "file", "redis"):
+		fmt.Fprintln(os.Stderr, "bench: -store must be file or redis")
+		return 2
+	case o.store == "redis" && o.write:
+		fmt.Fprintln(os.Stderr, "bench: -write records the bbolt figures; run -store redis without it")
 		return 2
 	case !oneOf(o.profile, "auto", "always", "never"):
 		fmt.Fprintln(os.Stderr, "bench: -profile must be auto, always or never")
@@ -295,6 +303,8 @@ type harness struct {
 	portA     int
 	portB     int
 	storePath string
+	storeURL  string      // with -store redis
+	redis     *child.Proc // with -store redis
 	caddyfile string
 
 	machine     []kv
@@ -369,6 +379,11 @@ func (h *harness) run() error {
 	if err := h.startUpstream(); err != nil {
 		return err
 	}
+	if h.opts.store == "redis" {
+		if err := h.startRedis(); err != nil {
+			return err
+		}
+	}
 	if err := h.startCaddy(); err != nil {
 		return err
 	}
@@ -407,7 +422,10 @@ func (h *harness) run() error {
 		return err
 	}
 	h.upstream.Stop(5 * time.Second)
-	if len(h.create) > 0 || len(h.sweep) > 0 {
+	if h.redis != nil {
+		h.redis.Stop(5 * time.Second)
+	}
+	if h.redis == nil && (len(h.create) > 0 || len(h.sweep) > 0) {
 		if err := h.countStore(); err != nil {
 			return err
 		}
@@ -536,6 +554,9 @@ func (h *harness) ourPids() map[int]string {
 	}
 	if h.upstream != nil {
 		m[h.upstream.PID()] = "upstream"
+	}
+	if h.redis != nil {
+		m[h.redis.PID()] = "redis-server"
 	}
 	return m
 }
@@ -692,7 +713,7 @@ https://127.0.0.1:%[5]d {
 	progress
 	reverse_proxy %[6]s
 }
-`, h.admin, filepath.Join(h.dir, "storage"), h.storePath, h.portA, h.portB, h.upAddr)
+`, h.admin, filepath.Join(h.dir, "storage"), h.storeLocation(), h.portA, h.portB, h.upAddr)
 	configPath := filepath.Join(h.dir, "Caddyfile")
 	if err := os.WriteFile(configPath, []byte(h.caddyfile), 0o600); err != nil {
 		return err
@@ -748,7 +769,7 @@ https://127.0.0.1:%[5]d {
 		}
 		if lastErr == nil {
 			h.logf("# caddy (pid %d): admin %s, A https://127.0.0.1:%d, B https://127.0.0.1:%d, store %s",
-				p.PID(), h.admin, h.portA, h.portB, h.storePath)
+				p.PID(), h.admin, h.portA, h.portB, h.storeLocation())
 			return nil
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -1203,7 +1224,9 @@ func (h *harness) runCreate() error {
 		return fmt.Errorf("create: following a job created under load: %w", err)
 	}
 	h.check(fmt.Sprintf("create: a job created under load (%s, from the last B round) ends %s", last, doc))
-	h.check(fmt.Sprintf("create: store file %s bytes after the create rounds", commas(fileSize(h.storePath))))
+	if h.redis == nil {
+		h.check(fmt.Sprintf("create: store file %s bytes after the create rounds", commas(fileSize(h.storePath))))
+	}
 	return nil
 }
 
