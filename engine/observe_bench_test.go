@@ -27,15 +27,20 @@ import (
 // the largest share of the cost: in front of Caddy, HTTP and TLS dilute it. "on" is metrics
 // on and every request carrying a sampled span, as Caddy's tracing directive gives it, from a
 // tracer provider that batches and exports OTLP/HTTP protobuf to a loopback receiver that
-// discards it. "off" is neither. Run both in one process, alternated:
+// discards it; "metrics" is metrics alone; "off" is neither. Run all in one process:
 //
 //	go test -run XXX -bench Observability -count 6 ./engine
 
-// observed sets a fixture's observability on or off and returns the tracer provider that
-// requests take their spans from.
-func observed(b *testing.B, f *fixture, on bool) trace.TracerProvider {
-	if !on {
+// observed sets a fixture's observability (off, metrics alone, or on: metrics and tracing)
+// and returns the tracer provider that requests take their spans from.
+func observed(b *testing.B, f *fixture, mode string) trace.TracerProvider {
+	switch mode {
+	case "off":
 		f.engine.SetMetrics(nil)
+		f.route.Init()
+		return noop.NewTracerProvider()
+	case "metrics":
+		f.engine.SetMetrics(NewMetrics())
 		f.route.Init()
 		return noop.NewTracerProvider()
 	}
@@ -77,17 +82,18 @@ func benchFixture(b *testing.B, route Route) *fixture {
 // subscribers (over loopback HTTP/1.1) has read its event; ns/op is that latency, with p50
 // and p99 reported.
 func BenchmarkObservability(b *testing.B) {
-	for _, mode := range []string{"off", "on"} {
-		b.Run("create/"+mode, func(b *testing.B) { benchCreate(b, mode == "on") })
+	modes := []string{"off", "metrics", "on"}
+	for _, mode := range modes {
+		b.Run("create/"+mode, func(b *testing.B) { benchCreate(b, mode) })
 	}
-	for _, mode := range []string{"off", "on"} {
-		b.Run("deliver/"+mode, func(b *testing.B) { benchDeliver(b, mode == "on") })
+	for _, mode := range modes {
+		b.Run("deliver/"+mode, func(b *testing.B) { benchDeliver(b, mode) })
 	}
 }
 
-func benchCreate(b *testing.B, on bool) {
+func benchCreate(b *testing.B, mode string) {
 	f := benchFixture(b, Route{Name: "/bench/*"})
-	tp := observed(b, f, on)
+	tp := observed(b, f, mode)
 	tracer := tp.Tracer("bench")
 	upstream := func(w http.ResponseWriter, r *http.Request) error {
 		w.WriteHeader(http.StatusOK)
@@ -113,9 +119,9 @@ func benchCreate(b *testing.B, on bool) {
 	f.engine.Close() // the background jobs end before the store closes
 }
 
-func benchDeliver(b *testing.B, on bool) {
+func benchDeliver(b *testing.B, mode string) {
 	f := benchFixture(b, Route{Name: "/bench/*"})
-	tp := observed(b, f, on)
+	tp := observed(b, f, mode)
 	tracer := tp.Tracer("bench")
 	// Every request gets a span first, as under Caddy's tracing directive.
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
