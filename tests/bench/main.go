@@ -179,6 +179,7 @@ type options struct {
 
 	obsFanShapes string
 	obsFanRounds int
+	obsEnv       []string
 }
 
 func harnessMain(args []string) int {
@@ -214,8 +215,15 @@ func harnessMain(args []string) int {
 	fs.DurationVar(&o.fanWarmup, "fan-warmup", 5*time.Second, "fanout: reporting before the window")
 	fs.DurationVar(&o.fanWindow, "fan-window", 20*time.Second, "fanout: the measured window")
 	fs.IntVar(&o.fanRounds, "fan-rounds", 1, "fanout: rounds (every target and protocol in each)")
-	fs.StringVar(&o.obsFanShapes, "obs-fan-shapes", "1000x10x10", "observe: fan-out shapes measured with tracing and metrics off and on (comma-separated; empty: none); -fan-warmup and -fan-window apply")
+	fs.StringVar(&o.obsFanShapes, "obs-fan-shapes", "1000x10x1,100x10x10", "observe: fan-out shapes measured with tracing and metrics off and on (comma-separated; empty: none); -fan-warmup and -fan-window apply")
 	fs.IntVar(&o.obsFanRounds, "obs-fan-rounds", 3, "observe: fan-out rounds (off and on alternated in each)")
+	fs.Func("obs-env", "observe: KEY=VALUE added to Caddy's environment for the job-creation part (e.g. OTEL_TRACES_SAMPLER=parentbased_traceidratio); repeatable", func(v string) error {
+		if !strings.Contains(v, "=") {
+			return errors.New("want KEY=VALUE")
+		}
+		o.obsEnv = append(o.obsEnv, v)
+		return nil
+	})
 	fs.Func("idle-caddy-bin", "idle: also measure this prebuilt Caddy (e.g. of another commit), as caddy2, caddy3, …; repeatable", func(v string) error {
 		o.idleCaddyBins = append(o.idleCaddyBins, v)
 		return nil
@@ -706,6 +714,7 @@ func (h *harness) startCaddy() error {
 		"XDG_CONFIG_HOME="+filepath.Join(h.dir, "config"))
 	if h.observe != nil {
 		env = append(env, h.observe.sink.Env()...)
+		env = append(env, h.opts.obsEnv...)
 	}
 	h.caddyLog = filepath.Join(h.dir, "caddy.log")
 	logFile, err := os.Create(h.caddyLog)

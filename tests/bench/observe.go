@@ -293,7 +293,7 @@ func (h *harness) observeTables() string {
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
 	if len(o.rounds) > 0 {
 		w("#### Job creation through Caddy (202/s, Prefer: respond-async)\n\n")
-		w("| round | configuration | 202/s | p50 ms | p99 ms | p99.9 ms | errors / other statuses | caddy CPU %% | others %% | span exports received | /metrics has caddy_progress_ |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|\n")
+		w("| round | configuration | 202/s | p50 ms | p99 ms | p99.9 ms | errors / other statuses | CPU %% caddy / upstream / load | others %% | span exports received | /metrics has caddy_progress_ |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|\n")
 		for i, pair := range o.rounds {
 			for j, m := range pair {
 				r := m.res
@@ -309,12 +309,14 @@ func (h *harness) observeTables() string {
 	}
 	for _, r := range o.fanout {
 		w("#### Callback-to-delivery latency, %s over %s\n\n", r.Shape, r.Proto)
-		w("| round | off p50 ms | on p50 ms | off p99 ms | on p99 ms |\n|---|--:|--:|--:|--:|\n")
+		w("| round | off p50 | on p50 | off p99 | on p99 | off reports/s | on reports/s |\n|---|--:|--:|--:|--:|--:|--:|\n")
 		for i := range r.Rounds {
-			w("| %d | %s | %s | %s | %s |\n", i+1, msStr(int64(r.OffP50[i])), msStr(int64(r.OnP50[i])), msStr(int64(r.OffP99[i])), msStr(int64(r.OnP99[i])))
+			w("| %d | %s | %s | %s | %s | %s | %s |\n", i+1, msStr(int64(r.OffP50[i])), msStr(int64(r.OnP50[i])), msStr(int64(r.OffP99[i])), msStr(int64(r.OnP99[i])),
+				rate(r.OffRate[i]), rate(r.OnRate[i]))
 		}
-		w("\nMedians over %d rounds: p50 off %s on %s ms, p99 off %s on %s ms; %s of %s deliveries measured; errors off %d, on %d; %d span exports received over the on measurements.\n\n",
+		w("\nMedians over %d rounds: p50 off %s, on %s; p99 off %s, on %s; reports sent off %s/s, on %s/s of %s/s offered (on÷off %s; below the offered rate Caddy was saturated and the latencies are its queue); %s of %s deliveries measured; errors off %d, on %d; %d span exports received over the on measurements.\n\n",
 			r.Rounds, msStr(int64(r.MedOffP50)), msStr(int64(r.MedOnP50)), msStr(int64(r.MedOffP99)), msStr(int64(r.MedOnP99)),
+			rate(r.MedOffRate), rate(r.MedOnRate), rate(r.Offered), trunc(r.RatioRate, 3),
 			commas(r.Delivered), commas(r.Expected), r.OffErrors, r.OnErrors, r.OnExports)
 		w("Target (latency within 5%%): p50 on÷off **%s**: %s; p99 on÷off **%s**: %s.\n\n",
 			trunc(r.RatioP50, 3), metOrMissed(r.RatioP50 <= 1+observeTolerance), trunc(r.RatioP99, 3), metOrMissed(r.RatioP99 <= 1+observeTolerance))

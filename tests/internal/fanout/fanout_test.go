@@ -142,7 +142,7 @@ func adminMetrics(admin string) (string, error) {
 func TestObserveRatios(t *testing.T) {
 	sh := shape{jobs: 10, watchers: 2, rate: 1}
 	mk := func(target string, lat ...int64) *result {
-		return &result{target: target, shape: sh, lat: lat, sent: int64(len(lat)) / 2, otlpExports: 3}
+		return &result{target: target, shape: sh, window: 2 * time.Second, lat: lat, sent: int64(len(lat)) / 2, otlpExports: 3}
 	}
 	all := []*result{
 		mk("caddy-off", 100, 200, 300, 1000), mk("caddy-on", 110, 220, 330, 1100), mk("hub", 1, 2),
@@ -162,6 +162,9 @@ func TestObserveRatios(t *testing.T) {
 	}
 	if want := float64(o.MedOnP50) / float64(o.MedOffP50); o.RatioP50 != want || want <= 1 {
 		t.Errorf("p50 ratio %v, want %v (> 1)", o.RatioP50, want)
+	}
+	if o.MedOffRate != 1 || o.MedOnRate != 1 || o.RatioRate != 1 || o.Offered != 10 {
+		t.Errorf("reports/s off %v on %v (ratio %v) of %v offered; want 1, 1, 1, 10", o.MedOffRate, o.MedOnRate, o.RatioRate, o.Offered)
 	}
 	if o.OnExports != 6 || o.Delivered != 16 || o.Expected != 16 {
 		t.Errorf("exports %d delivered %d expected %d; want 6, 16, 16", o.OnExports, o.Delivered, o.Expected)
