@@ -11,6 +11,8 @@
 #   ./xcaddy.sh bench-latency  callback-to-subscriber latency (issue #4); prints, writes nothing
 #   ./xcaddy.sh bench-scale [flags]  issue #6: idle subscribers (100,000; memory against a bare
 #                       net/http server) and long-poll wake-up; writes BENCHMARKS.md
+#   ./xcaddy.sh bench-observe [flags]  issue #5: job creation and callback-to-delivery latency with
+#                       tracing and metrics off, then on, in one run; writes BENCHMARKS.md
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -76,6 +78,11 @@ verb_bench() {
 verb_bench_scale() {
 	say "go run ./tests/bench -scenario scale -write $* (about 10 minutes on a quiet machine; see tests/bench/main.go)"
 	go run ./tests/bench -scenario scale -write "$@"
+}
+
+verb_bench_observe() {
+	say "go run ./tests/bench -scenario observe -write $* (about 15 minutes on a quiet machine; see tests/bench/observe.go)"
+	go run ./tests/bench -scenario observe -write "$@"
 }
 
 verb_bench_latency() {
@@ -193,8 +200,9 @@ case "${1:-}" in
 	bench) verb_bench ;;
 	bench-latency) shift; verb_bench_latency "$@" ;;
 	bench-scale) shift; verb_bench_scale "$@" ;;
+	bench-observe) shift; verb_bench_observe "$@" ;;
 	*)
-		echo "usage: $0 build | demo | test | fuzz | bench | bench-latency [flags] | bench-scale [flags]" >&2
+		echo "usage: $0 build | demo | test | fuzz | bench | bench-latency [flags] | bench-scale [flags] | bench-observe [flags]" >&2
 		exit 2
 		;;
 esac

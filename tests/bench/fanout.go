@@ -24,21 +24,33 @@ import (
 func (h *harness) runFanout() error {
 	o := h.opts
 	h.logf("\n# fanout: tests/internal/fanout, shape %s, protocols h2,h3, window %v after %v of warm-up", o.fanShape, o.fanWindow, o.fanWarmup)
+	args, err := h.fanoutMain(o.fanShape, "caddy,hub", "h2,h3", o.fanRounds)
+	if err != nil {
+		return err
+	}
+	h.fanout = fanout.Summaries()
+	h.fanoutArgs = args
+	return nil
+}
+
+// fanoutMain runs tests/internal/fanout with this run's Caddy, the -fan-warmup and -fan-window
+// flags and what is left of the quiet-wait budget, keeping its output in the raw output; it
+// returns the arguments it ran with.
+func (h *harness) fanoutMain(shapes, targets, protos string, rounds int) ([]string, error) {
+	o := h.opts
 	var out bytes.Buffer
 	fanout.Out = io.MultiWriter(os.Stdout, &out)
 	defer func() { fanout.Out = os.Stdout }()
-	args := []string{"-shapes", o.fanShape, "-targets", "caddy,hub", "-protos", "h2,h3", "-caddy-bin", h.caddyBin,
-		"-warmup", o.fanWarmup.String(), "-window", o.fanWindow.String(), "-rounds", strconv.Itoa(o.fanRounds),
+	args := []string{"-shapes", shapes, "-targets", targets, "-protos", protos, "-caddy-bin", h.caddyBin,
+		"-warmup", o.fanWarmup.String(), "-window", o.fanWindow.String(), "-rounds", strconv.Itoa(rounds),
 		"-quiet-wait", max(h.quietLeft, 0).Truncate(time.Second).String()}
 	code := fanout.Main(args)
 	h.raw.WriteString("# fanout " + strings.Join(args, " ") + "\n")
 	h.raw.Write(out.Bytes())
 	if code != 0 {
-		return fmt.Errorf("fanout harness: exit status %d", code)
+		return nil, fmt.Errorf("fanout harness: exit status %d", code)
 	}
-	h.fanout = fanout.Summaries()
-	h.fanoutArgs = args
-	return nil
+	return args, nil
 }
 
 // fanoutTable is the fan-out scenario's table and verdicts (Markdown).

@@ -34,6 +34,14 @@
 //	all          tune (unless -conns and -streams are given), passthrough, create, sweep
 //	             (default)
 //
+// The scenario of issue #5 (observability overhead; observe.go; "## Observability overhead
+// (issue 5)" with -write; ./xcaddy.sh bench-observe):
+//
+//	observe      job creation on B with tracing and metrics off, then on (one Caddy reloaded
+//	             through the admin /load between rounds, spans exported over OTLP/HTTP to a sink
+//	             in this process), alternated -rounds times; then fan-out latency (tests/
+//	             internal/fanout, targets caddy-off and caddy-on, -obs-fan-shapes); on÷off ratios
+//
 // The scenarios of issue #6 (scale), each with its own flags (-idle-*, -lp-*) and its own
 // section of BENCHMARKS.md ("## Scale (issue 6)", with -write; ./xcaddy.sh bench-scale):
 //
@@ -169,12 +177,16 @@ type options struct {
 	fanWarmup time.Duration
 	fanWindow time.Duration
 	fanRounds int
+
+	obsFanShapes string
+	obsFanRounds int
+	obsEnv       []string
 }
 
 func harnessMain(args []string) int {
 	var o options
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	fs.StringVar(&o.scenario, "scenario", "all", "tune | passthrough | create | sweep | all (issue 3) | idle | longpoll | restart | fanout | scale (issue 6: all four)")
+	fs.StringVar(&o.scenario, "scenario", "all", "tune | passthrough | create | sweep | all (issue 3) | idle | longpoll | restart | fanout | scale (issue 6: all four) | observe (issue 5)")
 	fs.IntVar(&o.conns, "conns", 0, "HTTP/2 connections of the load generator (0: tune, or 2 without tuning)")
 	fs.IntVar(&o.streams, "streams", 0, "concurrent streams per connection (0: tune, or 16 without tuning)")
 	fs.IntVar(&o.rounds, "rounds", 5, "how many times A and B are measured, alternately")
@@ -204,6 +216,15 @@ func harnessMain(args []string) int {
 	fs.DurationVar(&o.fanWarmup, "fan-warmup", 5*time.Second, "fanout: reporting before the window")
 	fs.DurationVar(&o.fanWindow, "fan-window", 20*time.Second, "fanout: the measured window")
 	fs.IntVar(&o.fanRounds, "fan-rounds", 1, "fanout: rounds (every target and protocol in each)")
+	fs.StringVar(&o.obsFanShapes, "obs-fan-shapes", "1000x10x1,100x10x10", "observe: fan-out shapes measured with tracing and metrics off and on (comma-separated; empty: none); -fan-warmup and -fan-window apply")
+	fs.IntVar(&o.obsFanRounds, "obs-fan-rounds", 3, "observe: fan-out rounds (off and on alternated in each)")
+	fs.Func("obs-env", "observe: KEY=VALUE added to Caddy's environment for the job-creation part (e.g. OTEL_TRACES_SAMPLER=parentbased_traceidratio); repeatable", func(v string) error {
+		if !strings.Contains(v, "=") {
+			return errors.New("want KEY=VALUE")
+		}
+		o.obsEnv = append(o.obsEnv, v)
+		return nil
+	})
 	fs.Func("idle-caddy-bin", "idle: also measure this prebuilt Caddy (e.g. of another commit), as caddy2, caddy3, …; repeatable", func(v string) error {
 		o.idleCaddyBins = append(o.idleCaddyBins, v)
 		return nil
@@ -222,8 +243,8 @@ func harnessMain(args []string) int {
 		o.lpRates = append(o.lpRates, rate)
 	}
 	switch {
-	case !oneOf(o.scenario, "tune", "passthrough", "create", "sweep", "all", "idle", "longpoll", "restart", "fanout", "scale"):
-		fmt.Fprintln(os.Stderr, "bench: -scenario must be tune, passthrough, create, sweep, all, idle, longpoll, restart, fanout or scale")
+	case !oneOf(o.scenario, "tune", "passthrough", "create", "sweep", "all", "idle", "longpoll", "restart", "fanout", "scale", "observe"):
+		fmt.Fprintln(os.Stderr, "bench: -scenario must be tune, passthrough, create, sweep, all, idle, longpoll, restart, fanout, scale or observe")
 		return 2
 	case !oneOf(o.store, "file", "redis"):
 		fmt.Fprintln(os.Stderr, "bench: -store must be file or redis")
@@ -244,7 +265,7 @@ func harnessMain(args []string) int {
 		o.lpJobs < 1 || o.lpPollers < o.lpJobs || o.lpPollers > 200000,
 		o.lpStreams < 1 || o.lpStreams > 250, o.lpWarmup < 0 || o.lpWarmup > time.Minute, o.lpWindow < time.Second || o.lpWindow > 5*time.Minute,
 		o.restartJobs < 2 || o.restartJobs > 5000000, o.restartRounds < 1 || o.restartRounds > 10,
-		o.fanWarmup < 0 || o.fanWarmup > time.Minute, o.fanWindow < 2*time.Second || o.fanWindow > 5*time.Minute, o.fanRounds < 1 || o.fanRounds > 10:
+		o.fanWarmup < 0 || o.fanWarmup > time.Minute, o.fanWindow < 2*time.Second || o.fanWindow > 5*time.Minute, o.fanRounds < 1 || o.fanRounds > 10, o.obsFanRounds < 1 || o.obsFanRounds > 10:
 		fmt.Fprintln(os.Stderr, "bench: a flag is out of range")
 		return 2
 	}
@@ -330,6 +351,7 @@ type harness struct {
 	restart     []*restartResult  // 1 job, then -restart-jobs
 	fanout      []fanout.Summary
 	fanoutArgs  []string
+	observe     *observeRun // -scenario observe (observe.go)
 }
 
 // kv is one row of a two-column table.
@@ -375,6 +397,9 @@ func (h *harness) run() error {
 	}
 	if oneOf(h.opts.scenario, "idle", "longpoll", "restart", "fanout", "scale") {
 		return h.runScale()
+	}
+	if h.opts.scenario == "observe" {
+		return h.runObserve()
 	}
 	if err := h.startUpstream(); err != nil {
 		return err
@@ -685,35 +710,10 @@ func (h *harness) startCaddy() error {
 	h.admin = "127.0.0.1:" + strconv.Itoa(ports[0])
 	h.portA, h.portB = ports[1], ports[2]
 	h.storePath = filepath.Join(h.dir, "progress.db")
-	h.caddyfile = fmt.Sprintf(`{
-	admin %[1]s
-	skip_install_trust
-	auto_https disable_redirects
-	storage file_system %[2]s
-	servers {
-		protocols h1 h2
+	h.caddyfile = h.benchCaddyfile("", "")
+	if h.observe != nil {
+		h.caddyfile = h.observeCaddyfile(observeOff)
 	}
-	progress {
-		store %[3]s
-	}
-}
-
-# A: plain reverse proxy
-https://127.0.0.1:%[4]d {
-	bind 127.0.0.1
-	tls internal
-	reverse_proxy %[6]s
-}
-
-# B: the same, with the progress plugin (async prefer, the default)
-https://127.0.0.1:%[5]d {
-	bind 127.0.0.1
-	tls internal
-	progress_api
-	progress
-	reverse_proxy %[6]s
-}
-`, h.admin, filepath.Join(h.dir, "storage"), h.storeLocation(), h.portA, h.portB, h.upAddr)
 	configPath := filepath.Join(h.dir, "Caddyfile")
 	if err := os.WriteFile(configPath, []byte(h.caddyfile), 0o600); err != nil {
 		return err
@@ -733,6 +733,10 @@ https://127.0.0.1:%[5]d {
 	}
 	env = append(env, "HOME="+filepath.Join(h.dir, "home"), "XDG_DATA_HOME="+filepath.Join(h.dir, "data"),
 		"XDG_CONFIG_HOME="+filepath.Join(h.dir, "config"))
+	if h.observe != nil {
+		env = append(env, h.observe.sink.Env()...)
+		env = append(env, h.opts.obsEnv...)
+	}
 	h.caddyLog = filepath.Join(h.dir, "caddy.log")
 	logFile, err := os.Create(h.caddyLog)
 	if err != nil {
@@ -775,6 +779,40 @@ https://127.0.0.1:%[5]d {
 		time.Sleep(100 * time.Millisecond)
 	}
 	return fmt.Errorf("caddy's sites were not ready within 60s: %v", lastErr)
+}
+
+// benchCaddyfile is the Caddyfile of the two sites; global and siteB are extra lines (each
+// ending in a newline, indented) for the global progress block and for site B.
+func (h *harness) benchCaddyfile(global, siteB string) string {
+	return fmt.Sprintf(`{
+	admin %[1]s
+	skip_install_trust
+	auto_https disable_redirects
+	storage file_system %[2]s
+	servers {
+		protocols h1 h2
+	}
+	progress {
+		store %[3]s
+%[7]s	}
+}
+
+# A: plain reverse proxy
+https://127.0.0.1:%[4]d {
+	bind 127.0.0.1
+	tls internal
+	reverse_proxy %[6]s
+}
+
+# B: the same, with the progress plugin (async prefer, the default)
+https://127.0.0.1:%[5]d {
+	bind 127.0.0.1
+	tls internal
+%[8]s	progress_api
+	progress
+	reverse_proxy %[6]s
+}
+`, h.admin, filepath.Join(h.dir, "storage"), h.storeLocation(), h.portA, h.portB, h.upAddr, global, siteB)
 }
 
 // client is the harness's own HTTP/2 client for checks.

@@ -89,14 +89,18 @@ func (h *harness) scaleSection() string {
 }
 
 // writeScaleSection writes the issue-6 section into BENCHMARKS.md (or -benchmarks).
-func (h *harness) writeScaleSection() error {
+func (h *harness) writeScaleSection() error { return h.writeBenchSection(scaleTitle, h.scaleSection()) }
+
+// writeBenchSection replaces (or appends) the section titled title of BENCHMARKS.md (or
+// -benchmarks) with section.
+func (h *harness) writeBenchSection(title, section string) error {
 	path := h.opts.benchFile
 	if path == "" {
 		path = filepath.Join(h.root, "BENCHMARKS.md")
 	}
-	if err := writeSection(path, scaleTitle, h.scaleSection()); err != nil {
+	if err := writeSection(path, title, section); err != nil {
 		return err
 	}
-	fmt.Printf("wrote the %q section of %s\n", scaleTitle, path)
+	fmt.Printf("wrote the %q section of %s\n", title, path)
 	return nil
 }

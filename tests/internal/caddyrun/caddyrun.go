@@ -157,6 +157,9 @@ type Options struct {
 	// HoldSite adds https://127.0.0.1:<HoldPort> served by bench_hold alone (tests/caddy's
 	// handler that only holds an event stream open: Caddy's own cost per stream).
 	HoldSite bool
+	// Tracing adds Caddy's `tracing` directive to both plugin sites (the exporter comes from
+	// the OTEL_* variables in Env, e.g. OTLPSink.Env).
+	Tracing bool
 }
 
 // Caddy is one running Caddy with the plugin.
@@ -210,6 +213,10 @@ func Prepare(bin, parent string, up *Upstream, o Options) (*Caddy, error) {
 		c.HoldPort = ports[3]
 		holdSite = fmt.Sprintf("\nhttps://127.0.0.1:%d {\n\tbind 127.0.0.1\n\ttls internal\n\troute {\n\t\tbench_hold\n\t}\n}\n", c.HoldPort)
 	}
+	tracing := ""
+	if o.Tracing {
+		tracing = "\n\ttracing"
+	}
 	protocols := "h1 h2"
 	if o.HTTP3 {
 		protocols = "h1 h2 h3"
@@ -234,7 +241,7 @@ func Prepare(bin, parent string, up *Upstream, o Options) (*Caddy, error) {
 
 https://127.0.0.1:%[4]d {
 	bind 127.0.0.1
-	tls internal
+	tls internal%[9]s
 	progress_api
 	progress {
 		callback_base http://127.0.0.1:%[5]d
@@ -243,10 +250,10 @@ https://127.0.0.1:%[4]d {
 }
 
 http://127.0.0.1:%[5]d {
-	bind 127.0.0.1
+	bind 127.0.0.1%[9]s
 	progress_api
 }
-`, c.Admin, filepath.Join(dir, "storage"), storePath, c.TLSPort, c.CBPort, up.Addr(), protocols, o.Progress) + holdSite
+`, c.Admin, filepath.Join(dir, "storage"), storePath, c.TLSPort, c.CBPort, up.Addr(), protocols, o.Progress, tracing) + holdSite
 	if err := os.WriteFile(filepath.Join(dir, "Caddyfile"), []byte(c.Caddyfile), 0o600); err != nil {
 		return nil, err
 	}

@@ -26,21 +26,50 @@ type target interface {
 type caddyTarget struct {
 	*caddyrun.Caddy
 	label string
+	sink  *caddyrun.OTLPSink // with observe "on": where Caddy's spans go
 }
 
+// Observability settings of a Caddy target (issue #5's overhead target compares the last two).
+const (
+	observeDefault = ""    // as configured by default: metrics on, no `tracing`
+	observeOff     = "off" // `progress { metrics off }`, no `tracing`
+	observeOn      = "on"  // metrics on, `tracing` on both sites, spans exported over OTLP/HTTP to a sink here
+)
+
 // startCaddy starts Caddy with a fresh store (fsync on, as always) and GC tracing in its log;
-// with h3 its TLS site also serves HTTP/3.
-func startCaddy(bin, parent string, up *caddyrun.Upstream, h3 bool) (*caddyTarget, error) {
-	c, err := caddyrun.Start(bin, parent, up, caddyrun.Options{Env: []string{"GODEBUG=gctrace=1"}, HTTP3: h3})
+// with h3 its TLS site also serves HTTP/3; observe is one of the observe* settings.
+func startCaddy(bin, parent string, up *caddyrun.Upstream, h3 bool, observe string) (*caddyTarget, error) {
+	o := caddyrun.Options{Env: []string{"GODEBUG=gctrace=1"}, HTTP3: h3}
+	var sink *caddyrun.OTLPSink
+	switch observe {
+	case observeOff:
+		o.Progress = "metrics off"
+	case observeOn:
+		var err error
+		if sink, err = caddyrun.StartOTLPSink(); err != nil {
+			return nil, err
+		}
+		o.Tracing = true
+		o.Env = append(o.Env, sink.Env()...)
+	}
+	c, err := caddyrun.Start(bin, parent, up, o)
 	if err != nil {
+		if sink != nil {
+			sink.Close()
+		}
 		return nil, err
 	}
-	return &caddyTarget{Caddy: c}, nil
+	return &caddyTarget{Caddy: c, sink: sink}, nil
 }
 
 func (c *caddyTarget) name() string { return "caddy" }
 func (c *caddyTarget) pid() int     { return c.PID() }
-func (c *caddyTarget) close()       { c.Close() }
+func (c *caddyTarget) close() {
+	c.Close()
+	if c.sink != nil {
+		c.sink.Close()
+	}
+}
 
 func (c *caddyTarget) makeJobs(ctx context.Context, n int) ([]job, error) { return c.MakeJobs(ctx, n) }
 

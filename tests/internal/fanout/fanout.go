@@ -88,7 +88,7 @@ var Out io.Writer = os.Stdout
 func Main(args []string) int {
 	fs := flag.NewFlagSet("latency", flag.ContinueOnError)
 	shapes := fs.String("shapes", "1000x10x10,1000x10x1,100x10x10", "comma-separated JOBSxWATCHERSxREPORTS_PER_SECOND")
-	targets := fs.String("targets", "caddy,hub", "comma-separated: caddy (the plugin), hub (the in-memory baseline)")
+	targets := fs.String("targets", "caddy,hub", "comma-separated: caddy (the plugin), hub (the in-memory baseline), caddy-off (metrics off, no tracing), caddy-on (metrics on, `tracing` on, spans exported over OTLP/HTTP to a sink in this process)")
 	rounds := fs.Int("rounds", 1, "how many times every shape is measured on every target (alternating)")
 	warmup := fs.Duration("warmup", 5*time.Second, "reporting before the window (samples discarded)")
 	window := fs.Duration("window", 20*time.Second, "the measured window")
@@ -114,8 +114,8 @@ func Main(args []string) int {
 	}
 	tgs := strings.Split(*targets, ",")
 	for _, t := range tgs {
-		if t != "caddy" && t != "hub" {
-			fmt.Fprintln(os.Stderr, "latency: -targets takes caddy and hub")
+		if t != "caddy" && t != "hub" && t != "caddy-off" && t != "caddy-on" {
+			fmt.Fprintln(os.Stderr, "latency: -targets takes caddy, hub, caddy-off and caddy-on")
 			return 2
 		}
 	}
@@ -200,7 +200,7 @@ func Main(args []string) int {
 					ours: map[int]string{os.Getpid(): "harness", os.Getppid(): "go run"}, probeDir: dir}
 				label := fmt.Sprintf("%s-%s-%s-r%d", tname, proto, sh, r)
 				bin := caddyBin
-				if n, ok := strings.CutPrefix(tname, "caddy"); ok && n != "" {
+				if n, ok := strings.CutPrefix(tname, "caddy"); ok && n != "" && !strings.HasPrefix(n, "-") {
 					i, _ := strconv.Atoi(n)
 					bin = extra[i-2]
 				}
@@ -235,6 +235,7 @@ func Main(args []string) int {
 	}
 	fmt.Fprintf(Out, "\n# end %s, loadavg %s\n\n", time.Now().UTC().Format(time.RFC3339), loadavg())
 	printTable(all)
+	printObserveRatios(all)
 	lastResults = all
 	return 0
 }
@@ -250,6 +251,7 @@ type Summary struct {
 	P50, P99, P999      time.Duration
 	CPUPer1000          float64 // % of one CPU the target used per 1,000 deliveries/s
 	Errors              int64   // callback and subscriber errors, unmatched events
+	OTLPExports         int64   // caddy-on: span exports the harness's OTLP sink received
 }
 
 // Summaries returns the measurements of the last Main.
@@ -258,7 +260,7 @@ func Summaries() []Summary {
 	for _, r := range lastResults {
 		s := Summary{Target: r.target, Shape: r.shape.String(), Sent: r.sent, Delivered: int64(len(r.lat)),
 			Expected: r.sent * int64(r.shape.watchers), P50: time.Duration(pct(r.lat, .5)), P99: time.Duration(pct(r.lat, .99)),
-			P999: time.Duration(pct(r.lat, .999)), Errors: r.cbErrors + r.subErrors + r.unmatched}
+			P999: time.Duration(pct(r.lat, .999)), Errors: r.cbErrors + r.subErrors + r.unmatched, OTLPExports: r.otlpExports}
 		if n := float64(len(r.lat)) / r.window.Seconds(); n > 0 {
 			s.CPUPer1000 = r.targetCPU / (n / 1000)
 		}
@@ -291,7 +293,11 @@ func runOne(tname, caddyBin, self, dir string, sh shape, o runOpts) (*result, er
 		if err != nil {
 			return nil, err
 		}
-		c, err := startCaddy(caddyBin, dir, up, o.proto == "h3")
+		observe, _ := strings.CutPrefix(tname, "caddy-")
+		if !strings.HasPrefix(tname, "caddy-") {
+			observe = observeDefault
+		}
+		c, err := startCaddy(caddyBin, dir, up, o.proto == "h3", observe)
 		if err != nil {
 			up.Close()
 			return nil, err
@@ -307,6 +313,14 @@ func runOne(tname, caddyBin, self, dir string, sh shape, o runOpts) (*result, er
 		}
 		up.Close() // the jobs end
 		c.close()
+		if c.sink != nil {
+			// Caddy flushed its batch of spans on the way out.
+			reqs, n := c.sink.Counts()
+			fmt.Fprintf(Out, "# OTLP sink: %d exports, %s bytes of spans received from caddy\n", reqs, commas(n))
+			if res != nil {
+				res.otlpExports = reqs
+			}
+		}
 		if lines := c.ErrorLines(); len(lines) > 0 {
 			fmt.Fprintf(Out, "# caddy log: %d error lines, first: %s\n", len(lines), clip(lines[0], 300))
 		}

@@ -1,8 +1,12 @@
 package fanout
 
 import (
+	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -58,12 +62,19 @@ func TestSmokeHub(t *testing.T) {
 	checkSmoke(t, r)
 }
 
-func TestSmokeCaddy(t *testing.T) { smokeCaddy(t, "h2") }
+func TestSmokeCaddy(t *testing.T) { smokeCaddy(t, "h2", observeDefault) }
 
 // TestSmokeCaddyH3 runs the same over HTTP/3 (quic-go's client against Caddy's h3).
-func TestSmokeCaddyH3(t *testing.T) { smokeCaddy(t, "h3") }
+func TestSmokeCaddyH3(t *testing.T) { smokeCaddy(t, "h3", observeDefault) }
 
-func smokeCaddy(t *testing.T, proto string) {
+// TestSmokeCaddyObserveOn runs the same with `tracing` on both sites: Caddy must export the
+// spans to the harness's OTLP sink (the overhead comparison of issue #5 measures a real export).
+func TestSmokeCaddyObserveOn(t *testing.T) { smokeCaddy(t, "h2", observeOn) }
+
+// TestSmokeCaddyObserveOff runs the same with `metrics off`: no caddy_progress_ metrics.
+func TestSmokeCaddyObserveOff(t *testing.T) { smokeCaddy(t, "h2", observeOff) }
+
+func smokeCaddy(t *testing.T, proto, observe string) {
 	if testing.Short() {
 		t.Skip("builds Caddy; skipped with -short")
 	}
@@ -81,7 +92,7 @@ func smokeCaddy(t *testing.T, proto string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := startCaddy(bin, dir, up, proto == "h3")
+	c, err := startCaddy(bin, dir, up, proto == "h3", observe)
 	if err != nil {
 		up.Close()
 		t.Fatal(err)
@@ -90,13 +101,72 @@ func smokeCaddy(t *testing.T, proto string) {
 	o.proto = proto
 	o.ours[c.pid()] = "caddy"
 	r, err := measure(t.Context(), c, smokeShape, o)
+	metrics, merr := adminMetrics(c.Admin)
 	up.Close()
 	c.close()
 	if err != nil {
 		t.Fatal(err)
 	}
 	checkSmoke(t, r)
+	if merr != nil {
+		t.Fatal(merr)
+	}
+	if has := strings.Contains(metrics, "caddy_progress_jobs_created_total"); has != (observe != observeOff) {
+		t.Errorf("observe %q: /metrics has caddy_progress_jobs_created_total: %v", observe, has)
+	}
+	if c.sink != nil {
+		// Caddy exports its last batch when it stops (close above).
+		if reqs, n := c.sink.Counts(); reqs == 0 || n == 0 {
+			t.Errorf("the OTLP sink received %d exports (%d bytes): Caddy's tracing exported nothing", reqs, n)
+		}
+	}
 	if lines := c.ErrorLines(); len(lines) > 0 {
 		t.Errorf("caddy logged %d errors, first: %s", len(lines), lines[0])
+	}
+}
+
+// adminMetrics reads Caddy's admin /metrics.
+func adminMetrics(admin string) (string, error) {
+	resp, err := http.Get("http://" + admin + "/metrics")
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err == nil && resp.StatusCode != http.StatusOK {
+		err = fmt.Errorf("GET /metrics: %s", resp.Status)
+	}
+	return string(b), err
+}
+
+func TestObserveRatios(t *testing.T) {
+	sh := shape{jobs: 10, watchers: 2, rate: 1}
+	mk := func(target string, lat ...int64) *result {
+		return &result{target: target, shape: sh, window: 2 * time.Second, lat: lat, sent: int64(len(lat)) / 2, otlpExports: 3}
+	}
+	all := []*result{
+		mk("caddy-off", 100, 200, 300, 1000), mk("caddy-on", 110, 220, 330, 1100), mk("hub", 1, 2),
+		mk("caddy-off", 100, 200, 300, 3000), mk("caddy-on", 120, 240, 360, 900),
+		mk("caddy-on/h3", 5, 6),
+	}
+	got := observeRatios(all)
+	if len(got) != 1 {
+		t.Fatalf("%d ratios, want 1 (h3 has no caddy-off to compare with): %+v", len(got), got)
+	}
+	o := got[0]
+	// The percentiles follow samples.Pct.
+	offP50 := time.Duration(pct([]int64{100, 200, 300, 1000}, .5))
+	onP50a, onP50b := time.Duration(pct([]int64{110, 220, 330, 1100}, .5)), time.Duration(pct([]int64{120, 240, 360, 900}, .5))
+	if o.Rounds != 2 || o.MedOffP50 != offP50 || o.MedOnP50 != (onP50a+onP50b)/2 {
+		t.Errorf("rounds %d, p50 off %v on %v; want 2, %v, %v", o.Rounds, o.MedOffP50, o.MedOnP50, offP50, (onP50a+onP50b)/2)
+	}
+	if want := float64(o.MedOnP50) / float64(o.MedOffP50); o.RatioP50 != want || want <= 1 {
+		t.Errorf("p50 ratio %v, want %v (> 1)", o.RatioP50, want)
+	}
+	if o.MedOffRate != 1 || o.MedOnRate != 1 || o.RatioRate != 1 || o.Offered != 10 {
+		t.Errorf("reports/s off %v on %v (ratio %v) of %v offered; want 1, 1, 1, 10", o.MedOffRate, o.MedOnRate, o.RatioRate, o.Offered)
+	}
+	if o.OnExports != 6 || o.Delivered != 16 || o.Expected != 16 {
+		t.Errorf("exports %d delivered %d expected %d; want 6, 16, 16", o.OnExports, o.Delivered, o.Expected)
 	}
 }

@@ -106,6 +106,8 @@ type result struct {
 	loadStart  string
 	loadEnd    string
 	firstErr   string
+	// otlpExports are the span exports Caddy sent to the harness's OTLP sink (target caddy-on).
+	otlpExports int64
 }
 
 // bucketWidth is the time resolution at which the harness looks for stalls.
