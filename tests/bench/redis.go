@@ -1,11 +1,9 @@
 package main
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/caddy-progress/progress/store/redisstore/redistest"
 	"github.com/caddy-progress/progress/tests/internal/caddyrun"
 	"github.com/caddy-progress/progress/tests/internal/child"
 )
@@ -46,7 +45,7 @@ func (h *harness) startRedis() error {
 	h.redis = p
 	addr := "127.0.0.1:" + port
 	deadline := time.Now().Add(30 * time.Second)
-	for !redisReady(addr) {
+	for !redistest.Ping(addr) {
 		if p.Exited() {
 			return errors.New("redis-server exited at once")
 		}
@@ -59,20 +58,6 @@ func (h *harness) startRedis() error {
 	out, _ := exec.Command(bin, "--version").Output()
 	h.logf("# redis-server (pid %d) on %s, appendonly yes, appendfsync always: %s", p.PID(), addr, strings.TrimSpace(string(out)))
 	return nil
-}
-
-func redisReady(addr string) bool {
-	c, err := net.DialTimeout("tcp", addr, time.Second)
-	if err != nil {
-		return false
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(time.Second))
-	if _, err := c.Write([]byte("PING\r\n")); err != nil {
-		return false
-	}
-	line, err := bufio.NewReader(c).ReadString('\n')
-	return err == nil && strings.HasPrefix(line, "+PONG")
 }
 
 // storeLocation is what the Caddyfile's `store` names.

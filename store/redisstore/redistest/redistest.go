@@ -68,7 +68,7 @@ func (s *Server) start() {
 	// Ready once it answers PING with its data loaded.
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		if ping(s.Addr) {
+		if Ping(s.Addr) {
 			return
 		}
 		select {
@@ -84,7 +84,8 @@ func (s *Server) start() {
 	}
 }
 
-func ping(addr string) bool {
+// Ping reports whether a redis-server answers PING on addr, within a second.
+func Ping(addr string) bool {
 	c, err := net.DialTimeout("tcp", addr, time.Second)
 	if err != nil {
 		return false
