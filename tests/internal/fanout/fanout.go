@@ -34,6 +34,9 @@
 //     the document's message (without decoding the rest of the document).
 //   - The baseline, in the same run: this program re-executed as `latency __hub`, a minimal
 //     memory-only Go SSE hub (hub.go) with the same protocol, measured by the same clients.
+//   - -targets caddy-redis3 (issue #8, redis3.go): one redis-server (appendfsync always) and
+//     three such Caddys on it with one callback_secret; jobs made on A, each job's watchers
+//     going round A, B and C, callbacks to C; the target's CPU is the four processes'.
 //
 // A measurement: make the jobs, open every stream and wait for each one's first document,
 // report for -warmup (samples discarded), then for -window; latencies are kept for the reports
