@@ -35,6 +35,9 @@ type Job struct {
 	Token    string
 	Callback string // absolute URL of POST …/progress
 	Events   string // absolute URL of GET …/events
+	// Mirrors are the same event stream served by other Caddy instances sharing the store
+	// (Redis): the harness spreads a job's watchers over Events and these.
+	Mirrors []string
 }
 
 // Build builds ./tests/caddy (Caddy with the standard modules and the plugin) into dir, as

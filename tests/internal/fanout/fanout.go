@@ -34,6 +34,9 @@
 //     the document's message (without decoding the rest of the document).
 //   - The baseline, in the same run: this program re-executed as `latency __hub`, a minimal
 //     memory-only Go SSE hub (hub.go) with the same protocol, measured by the same clients.
+//   - -targets caddy-redis3 (issue #8, redis3.go): one redis-server (appendfsync always) and
+//     three such Caddys on it with one callback_secret; jobs made on A, each job's watchers
+//     going round A, B and C, callbacks to C; the target's CPU is the four processes'.
 //
 // A measurement: make the jobs, open every stream and wait for each one's first document,
 // report for -warmup (samples discarded), then for -window; latencies are kept for the reports
@@ -65,6 +68,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"os"
 	"os/exec"
@@ -88,7 +92,7 @@ var Out io.Writer = os.Stdout
 func Main(args []string) int {
 	fs := flag.NewFlagSet("latency", flag.ContinueOnError)
 	shapes := fs.String("shapes", "1000x10x10,1000x10x1,100x10x10", "comma-separated JOBSxWATCHERSxREPORTS_PER_SECOND")
-	targets := fs.String("targets", "caddy,hub", "comma-separated: caddy (the plugin), hub (the in-memory baseline), caddy-off (metrics off, no tracing), caddy-on (metrics on, `tracing` on, spans exported over OTLP/HTTP to a sink in this process)")
+	targets := fs.String("targets", "caddy,hub", "comma-separated: caddy (the plugin), hub (the in-memory baseline), caddy-off (metrics off, no tracing), caddy-on (metrics on, `tracing` on, spans exported over OTLP/HTTP to a sink in this process), caddy-redis3 (issue #8: three Caddys on one redis-server, jobs made on A, watchers spread over A, B and C, callbacks to C; CPU of all four processes)")
 	rounds := fs.Int("rounds", 1, "how many times every shape is measured on every target (alternating)")
 	warmup := fs.Duration("warmup", 5*time.Second, "reporting before the window (samples discarded)")
 	window := fs.Duration("window", 20*time.Second, "the measured window")
@@ -114,8 +118,8 @@ func Main(args []string) int {
 	}
 	tgs := strings.Split(*targets, ",")
 	for _, t := range tgs {
-		if t != "caddy" && t != "hub" && t != "caddy-off" && t != "caddy-on" {
-			fmt.Fprintln(os.Stderr, "latency: -targets takes caddy, hub, caddy-off and caddy-on")
+		if t != "caddy" && t != "hub" && t != "caddy-off" && t != "caddy-on" && t != redis3Name {
+			fmt.Fprintln(os.Stderr, "latency: -targets takes caddy, hub, caddy-off, caddy-on and caddy-redis3")
 			return 2
 		}
 	}
@@ -288,6 +292,29 @@ func crossProtos(names, protos []string) [][2]string {
 func runOne(tname, caddyBin, self, dir string, sh shape, o runOpts) (*result, error) {
 	ctx := context.Background()
 	switch {
+	case tname == redis3Name:
+		up, err := startUpstream()
+		if err != nil {
+			return nil, err
+		}
+		t, err := startRedis3(caddyBin, dir, up, o.proto == "h3")
+		if err != nil {
+			up.Close()
+			return nil, err
+		}
+		maps.Copy(o.ours, t.parts())
+		fmt.Fprintf(Out, "# %s (pid %d) on %s; caddy A, B, C pids %d, %d, %d\n", t.redis.Version, t.redis.PID(), t.redis.Addr,
+			t.nodes[0].PID(), t.nodes[1].PID(), t.nodes[2].PID())
+		res, err := measure(ctx, t, sh, o)
+		if res != nil && o.proto == "h3" {
+			res.target += "/h3"
+		}
+		up.Close()
+		t.close()
+		if lines := t.errorLines(); len(lines) > 0 {
+			fmt.Fprintf(Out, "# caddy logs: %d error lines, first: %s\n", len(lines), clip(lines[0], 300))
+		}
+		return res, err
 	case strings.HasPrefix(tname, "caddy"):
 		up, err := startUpstream()
 		if err != nil {
@@ -392,6 +419,13 @@ func printResult(r *result) {
 	fmt.Fprintf(Out, "cpu %% of one CPU over the window: %s %s, harness %s, machine busy %s (softirq %s) idle %s iowait %s of 200; others %s (%s); unaccounted (short-lived processes, softirq) %s; runnable threads %s on average; %d processes started on the machine\n",
 		r.target, fmtF(r.targetCPU), fmtF(r.harnessCPU), fmtF(r.machine.Busy), fmtF(r.machine.Softirq), fmtF(r.machine.Idle), fmtF(r.machine.IOWait),
 		fmtF(sumUse(r.others)), describeOthers(r.others, 3), fmtF(r.machine.Busy-r.targetCPU-r.harnessCPU-sumUse(r.others)), fmtF(r.runnable), r.forks)
+	if len(r.cpuParts) > 0 {
+		var parts []string
+		for _, p := range r.cpuParts {
+			parts = append(parts, fmt.Sprintf("%s (pid %d) %s", p.Comm, p.PID, fmtF(p.Pct)))
+		}
+		fmt.Fprintf(Out, "cpu of the target's processes: %s\n", strings.Join(parts, ", "))
+	}
 	printStalls(r)
 	if len(r.gcs) > 0 {
 		// "gc N @Ts P%: A+B+C ms clock, …": A and C are the stop-the-world phases.

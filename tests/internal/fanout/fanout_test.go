@@ -3,13 +3,16 @@ package fanout
 import (
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/caddy-progress/progress/tests/internal/caddyrun"
 	"github.com/caddy-progress/progress/tests/internal/child"
 )
 
@@ -74,24 +77,29 @@ func TestSmokeCaddyObserveOn(t *testing.T) { smokeCaddy(t, "h2", observeOn) }
 // TestSmokeCaddyObserveOff runs the same with `metrics off`: no caddy_progress_ metrics.
 func TestSmokeCaddyObserveOff(t *testing.T) { smokeCaddy(t, "h2", observeOff) }
 
-func smokeCaddy(t *testing.T, proto, observe string) {
+// smokeSetup builds Caddy and starts the upstream; every child process stops when the test
+// ends.
+func smokeSetup(t *testing.T) (bin, dir string, up *caddyrun.Upstream) {
 	if testing.Short() {
 		t.Skip("builds Caddy; skipped with -short")
 	}
-	defer child.StopAll()
 	root, err := moduleRoot()
 	if err != nil {
 		t.Skip(err)
 	}
-	dir := t.TempDir()
-	bin, err := buildCaddy(root, filepath.Join(dir, "bin"))
-	if err != nil {
+	dir = t.TempDir()
+	t.Cleanup(child.StopAll) // before the folder goes (cleanups run last first)
+	if bin, err = buildCaddy(root, filepath.Join(dir, "bin")); err != nil {
 		t.Fatal(err)
 	}
-	up, err := startUpstream()
-	if err != nil {
+	if up, err = startUpstream(); err != nil {
 		t.Fatal(err)
 	}
+	return bin, dir, up
+}
+
+func smokeCaddy(t *testing.T, proto, observe string) {
+	bin, dir, up := smokeSetup(t)
 	c, err := startCaddy(bin, dir, up, proto == "h3", observe)
 	if err != nil {
 		up.Close()
@@ -168,5 +176,51 @@ func TestObserveRatios(t *testing.T) {
 	}
 	if o.OnExports != 6 || o.Delivered != 16 || o.Expected != 16 {
 		t.Errorf("exports %d delivered %d expected %d; want 6, 16, 16", o.OnExports, o.Delivered, o.Expected)
+	}
+}
+
+// TestSmokeCaddyRedis3 runs the fan-out of issue #8 on a small shape: three Caddys on one
+// redis-server, jobs made on A, each job's three watchers on A, B and C, callbacks to C.
+func TestSmokeCaddyRedis3(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds Caddy; skipped with -short")
+	}
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		msg := "redis-server not found: install Debian's redis-server (apt-get install redis-server) to run the Redis fan-out smoke test"
+		if os.Getenv("CI") == "true" {
+			t.Fatal(msg)
+		}
+		t.Skip("SKIPPED LOUDLY: " + msg)
+	}
+	bin, dir, up := smokeSetup(t)
+	tg, err := startRedis3(bin, dir, up, false)
+	if err != nil {
+		up.Close()
+		t.Fatal(err)
+	}
+	o := smokeOpts()
+	o.window = 3 * time.Second
+	o.proto = "h2"
+	maps.Copy(o.ours, tg.parts())
+	sh := shape{jobs: 10, watchers: 3, rate: 2}
+	r, err := measure(t.Context(), tg, sh, o)
+	up.Close()
+	tg.close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkSmoke(t, r)
+	// Every job has one watcher on each of A, B and C, and its reports go to C: if they did not
+	// cross instances through Redis, at most a third of the deliveries would arrive.
+	if expected := r.sent * int64(sh.watchers); int64(len(r.lat))*3 <= expected*2 {
+		t.Errorf("deliveries: %d of %d expected; the instances other than C delivered too few", len(r.lat), expected)
+	}
+	// The target's CPU is that of its four processes together (each alone may be under the
+	// clock tick in so short a window).
+	if len(r.cpuParts) != 4 || r.targetCPU <= 0 {
+		t.Errorf("CPU %v%% of %d processes, want > 0 of 4 (redis-server, caddy A, B, C): %+v", r.targetCPU, len(r.cpuParts), r.cpuParts)
+	}
+	if lines := tg.errorLines(); len(lines) > 0 {
+		t.Errorf("caddy logged %d errors, first: %s", len(lines), lines[0])
 	}
 }

@@ -3,6 +3,7 @@ package fanout
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -108,6 +109,8 @@ type result struct {
 	firstErr   string
 	// otlpExports are the span exports Caddy sent to the harness's OTLP sink (target caddy-on).
 	otlpExports int64
+	// cpuParts is the target's CPU by process, when it has several (caddy-redis3).
+	cpuParts []procUse
 }
 
 // bucketWidth is the time resolution at which the harness looks for stalls.
@@ -116,7 +119,22 @@ const bucketWidth = 100 * time.Millisecond
 // jobState is the harness's view of one job: when each report was sent.
 type jobState struct {
 	job
-	sent []atomic.Int64 // report k's send time, ns since the run's base; 0: not sent
+	sent  []atomic.Int64 // report k's send time, ns since the run's base; 0: not sent
+	index int            // the job's place in the run
+}
+
+// eventsFor is the event stream watcher w of the job opens: with mirrors (several instances
+// sharing a store), the job's watchers go round the instances, starting at one that moves with
+// the job, so that every instance holds an even share of all the streams.
+func (st *jobState) eventsFor(w int) string {
+	n := len(st.Mirrors) + 1
+	if n == 1 {
+		return st.Events
+	}
+	if i := (st.index + w) % n; i > 0 {
+		return st.Mirrors[i-1]
+	}
+	return st.Events
 }
 
 // measure runs one shape against one target.
@@ -130,7 +148,7 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 	perJob := int((o.warmup+o.window).Seconds()*sh.rate) + 16
 	states := make([]*jobState, len(jobs))
 	for i, j := range jobs {
-		states[i] = &jobState{job: j, sent: make([]atomic.Int64, perJob)}
+		states[i] = &jobState{job: j, sent: make([]atomic.Int64, perJob), index: i}
 	}
 
 	// Subscribers: jobs × watchers HTTP/2 (or HTTP/3) streams, streamsPerConn per connection:
@@ -187,7 +205,7 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 			// Watcher w of job j goes on connection (j+w) mod nconns: the watchers of one job
 			// sit on different connections, as different clients would.
 			cl := &http.Client{Transport: transports[(s%sh.jobs+s/sh.jobs)%nconns]}
-			req, _ := http.NewRequestWithContext(subCtx, http.MethodGet, st.Events, nil)
+			req, _ := http.NewRequestWithContext(subCtx, http.MethodGet, st.eventsFor(s/sh.jobs), nil)
 			req.Header.Set("Accept", "text/event-stream")
 			resp, err := cl.Do(req)
 			if err != nil {
@@ -408,6 +426,14 @@ func measure(ctx context.Context, tg target, sh shape, o runOpts) (*result, erro
 	res.loadEnd = loadavg()
 	mine, others := usage(a, b, o.ours)
 	res.targetCPU, res.harnessCPU, res.machine, res.others = mine[tg.name()], mine["harness"], machineUsage(a, b), others
+	if multi, ok := tg.(interface{ parts() map[int]string }); ok {
+		// Several processes: the target's CPU is theirs together, labelled one by one in o.ours.
+		for pid, label := range multi.parts() {
+			res.targetCPU += mine[label]
+			res.cpuParts = append(res.cpuParts, procUse{PID: pid, Comm: label, Pct: mine[label]})
+		}
+		slices.SortFunc(res.cpuParts, func(x, y procUse) int { return cmp.Compare(x.Comm, y.Comm) })
+	}
 	if tg.pid() == os.Getpid() { // in-process hub: not separable
 		res.targetCPU = mine["harness"]
 	}
