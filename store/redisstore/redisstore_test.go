@@ -97,6 +97,13 @@ func TestLeaseLapseInterruptsOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sub.Close()
+	// The lapsed instance's jobs end one script at a time: follow the queued one too, so the
+	// checks below wait for both ends rather than race the second.
+	subQueued, err := b.Subscribe(ctx, queued.ID, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer subQueued.Close()
 	// Two lease times pass: a live instance's jobs stay as they are.
 	time.Sleep(2 * lease) // lets leases lapse if renewal were broken; the check below can fail
 	if j, _ := b.Get(ctx, running.ID); j.State != store.Running {
@@ -106,9 +113,11 @@ func TestLeaseLapseInterruptsOnce(t *testing.T) {
 	a.crash()
 	next, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	ev, err := sub.Next(next)
-	if err != nil || !ev.Done() || ev.Seq != 2 {
-		t.Fatalf("subscriber on b: %+v %v", ev, err)
+	for name, sb := range map[string]store.Subscription{"running": sub, "queued": subQueued} {
+		ev, err := sb.Next(next)
+		if err != nil || !ev.Done() || ev.Seq != 2 {
+			t.Fatalf("subscriber on b, %s job: %+v %v", name, ev, err)
+		}
 	}
 	// Lapse (≤ lease) + the next look (≤ lease/3), with room for a loaded machine.
 	if took := time.Since(killed); took > 10*lease {
