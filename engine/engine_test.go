@@ -92,7 +92,7 @@ type fixture struct {
 	api    *API
 }
 
-func newFixture(t *testing.T, route Route) *fixture {
+func newFixture(t testing.TB, route Route) *fixture {
 	t.Helper()
 	st, err := store.Open(filepath.Join(t.TempDir(), "progress.db"), store.Options{})
 	if err != nil {

@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -18,8 +17,6 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
-
-	"github.com/caddy-progress/progress/store"
 )
 
 // The overhead of observability (issue #5: within 5%), measured on the plugin alone (a real
@@ -59,21 +56,11 @@ func observed(b *testing.B, f *fixture, mode string) trace.TracerProvider {
 	return tp
 }
 
+// benchFixture is newFixture with a heartbeat long enough never to fire in a measurement.
 func benchFixture(b *testing.B, route Route) *fixture {
-	st, err := store.Open(filepath.Join(b.TempDir(), "progress.db"), store.Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	e := New(st, nil, nil, nil)
-	route.Engine = e
-	route.Init()
-	api := &API{Engine: e, Heartbeat: time.Minute}
-	api.Init()
-	b.Cleanup(func() {
-		e.Close()
-		st.Close()
-	})
-	return &fixture{st: st, engine: e, route: &route, api: api}
+	f := newFixture(b, route)
+	f.api.Heartbeat = time.Minute
+	return f
 }
 
 // BenchmarkObservability/create: job creation (Prefer: respond-async to 202, the job's store
