@@ -21,7 +21,7 @@ type API struct {
 	MaxWait   time.Duration
 	Heartbeat time.Duration
 	// WriteTimeout bounds one write to an event stream: a subscriber that stops reading is
-	// dropped after it.
+	// dropped after between one and 1.5 times it (see sseWriter).
 	WriteTimeout time.Duration
 	// CallbackLimits bound upstream progress reports.
 	CallbackLimits upstreamhook.Limits

@@ -137,9 +137,18 @@ func (e *Engine) report(ctx context.Context, id string, u upstreamhook.Update) (
 	b := jr.next
 	mergeUpdate(&b.update, u)
 	if !jr.writing {
+		// No write of this job is in flight: this report writes its batch itself, on the
+		// caller's goroutine. A report's path then has no goroutine start and no hand-off
+		// to wait for (the usual case: an upstream reporting a few times a second).
 		jr.writing = true
-		e.background.Add(1)
-		go e.writeReports(id, jr)
+		e.reports.mu.Unlock()
+		if e.writeBatch(id, jr) {
+			// Reports arrived during the write: their callers wait for the next batch,
+			// written on a goroutine of its own so that this caller does not wait for it.
+			e.background.Add(1)
+			go e.writeReports(id, jr)
+		}
+		return b.job, b.err
 	}
 	e.reports.mu.Unlock()
 
@@ -152,30 +161,44 @@ func (e *Engine) report(ctx context.Context, id string, u upstreamhook.Update) (
 }
 
 // writeReports writes a job's pending reports, one merged batch per store write, until none
-// are left. It runs on its own goroutine so no caller waits for writes that are not its own.
+// are left.
 func (e *Engine) writeReports(id string, jr *jobReports) {
 	defer e.background.Done()
-	for {
-		e.reports.mu.Lock()
-		b := jr.next
-		jr.next = nil
-		if b == nil {
-			jr.writing = false
-			delete(e.reports.jobs, id)
-			e.reports.mu.Unlock()
-			return
-		}
-		e.reports.mu.Unlock()
-		// Not the caller's context: the write serves every report merged into the batch.
-		b.job, b.err = e.Store.Update(context.Background(), id, func(j *store.Job) error {
-			applyUpdate(j, b.update, time.Now())
-			return nil
-		})
-		if b.err == nil {
-			e.Metrics().progressEvent(SourceCallback)
-		}
-		close(b.done)
+	for e.writeBatch(id, jr) {
 	}
+}
+
+// writeBatch writes the job's pending batch, if any, and reports whether another is pending
+// now. The caller holds the job's writing flag; writeBatch clears it when nothing is left.
+func (e *Engine) writeBatch(id string, jr *jobReports) (more bool) {
+	e.reports.mu.Lock()
+	b := jr.next
+	jr.next = nil
+	if b == nil {
+		jr.writing = false
+		delete(e.reports.jobs, id)
+		e.reports.mu.Unlock()
+		return false
+	}
+	e.reports.mu.Unlock()
+	// Not the caller's context: the write serves every report merged into the batch.
+	b.job, b.err = e.Store.Update(context.Background(), id, func(j *store.Job) error {
+		applyUpdate(j, b.update, time.Now())
+		return nil
+	})
+	if b.err == nil {
+		e.Metrics().progressEvent(SourceCallback)
+	}
+	close(b.done)
+
+	e.reports.mu.Lock()
+	defer e.reports.mu.Unlock()
+	if jr.next == nil {
+		jr.writing = false
+		delete(e.reports.jobs, id)
+		return false
+	}
+	return true
 }
 
 // mergeUpdate folds a later report into an earlier one: the later one's fields win, and

@@ -191,15 +191,24 @@ func (j *jobFrames) frame(ev store.Event) []byte {
 
 // sseWriter writes and flushes each piece at once (quic-go holds small writes back until a
 // flush), with a deadline so that a stalled subscriber is dropped rather than kept.
+//
+// The deadline is moved only when less than the timeout is left, to 1.5 times the timeout
+// ahead, rather than before every write: on HTTP/2 each SetWriteDeadline is a message to the
+// connection's serve loop, a timer reset there and an allocation, paid per event and
+// subscriber. A write that stalls is dropped after between one and 1.5 timeouts.
 type sseWriter struct {
-	w       http.ResponseWriter
-	rc      *http.ResponseController
-	timeout time.Duration
+	w        http.ResponseWriter
+	rc       *http.ResponseController
+	timeout  time.Duration
+	deadline time.Time // the write deadline set last; zero before the first write
 }
 
 func (s *sseWriter) send(b []byte) error {
-	if err := s.rc.SetWriteDeadline(time.Now().Add(s.timeout)); err != nil && !errors.Is(err, http.ErrNotSupported) {
-		return err
+	if now := time.Now(); s.deadline.Sub(now) < s.timeout {
+		s.deadline = now.Add(s.timeout + s.timeout/2)
+		if err := s.rc.SetWriteDeadline(s.deadline); err != nil && !errors.Is(err, http.ErrNotSupported) {
+			return err
+		}
 	}
 	if _, err := s.w.Write(b); err != nil {
 		return err

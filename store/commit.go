@@ -1,6 +1,7 @@
 package store
 
 import (
+	"errors"
 	"sync"
 	"time"
 
@@ -8,19 +9,26 @@ import (
 )
 
 // committer is the store's group commit. bbolt allows one writer at a time and every commit
-// costs two fsyncs, so writes queue here and one goroutine commits, as soon as the previous
-// commit ends, everything that queued meanwhile in one transaction. A lone writer waits for
-// one commit, not for a batch timer (bbolt's db.Batch waits up to 10 ms to fill a batch);
-// many writers share each commit, so throughput grows with concurrency.
+// costs two fsyncs, so writes queue here and are committed, as soon as the previous commit
+// ends, everything that queued meanwhile in one transaction. A lone writer waits for one
+// commit, not for a batch timer (bbolt's db.Batch waits up to 10 ms to fill a batch); many
+// writers share each commit, so throughput grows with concurrency.
+//
+// There is no commit goroutine: a writer that finds no commit in flight leads, committing the
+// queue on its own goroutine, and when it is done hands the lead to the first writer that
+// queued meanwhile. A write that does not overlap another then costs no hand-off between
+// goroutines (each is a wake-up that waits for a CPU, which on a busy machine is where a
+// write's latency tail comes from), and a leader never waits for a commit after its own.
 type committer struct {
 	db       *bolt.DB
 	maxBatch int
 	observe  func(took time.Duration, writes int) // nil: nobody is measuring
 
-	mu     sync.RWMutex // held for reading while sending, so close cannot race a send
-	closed bool
-	ops    chan *op
-	done   chan struct{}
+	mu      sync.Mutex
+	idle    sync.Cond // signalled when a leader stops with nothing queued
+	closed  bool
+	leading bool  // a writer is committing, or has been handed the lead
+	queue   []*op // writes waiting for the next commit, in arrival order
 }
 
 // op is one write. apply runs inside the shared transaction and may run more than once (when
@@ -30,12 +38,15 @@ type committer struct {
 type op struct {
 	apply     func(tx *bolt.Tx) error
 	published func()
-	result    chan error
+	result    chan error // the write's outcome, or errLead first
 }
 
+// errLead, sent to a waiting writer, hands it the lead.
+var errLead = errors.New("store: lead the next commit")
+
 func newCommitter(db *bolt.DB, maxBatch int, observe func(time.Duration, int)) *committer {
-	c := &committer{db: db, maxBatch: maxBatch, observe: observe, ops: make(chan *op, maxBatch), done: make(chan struct{})}
-	go c.run()
+	c := &committer{db: db, maxBatch: maxBatch, observe: observe}
+	c.idle.L = &c.mu
 	return c
 }
 
@@ -43,46 +54,54 @@ func newCommitter(db *bolt.DB, maxBatch int, observe func(time.Duration, int)) *
 // context ends: a caller must learn whether its write happened.
 func (c *committer) do(apply func(tx *bolt.Tx) error, published func()) error {
 	o := &op{apply: apply, published: published, result: make(chan error, 1)}
-	c.mu.RLock()
+	c.mu.Lock()
 	if c.closed {
-		c.mu.RUnlock()
+		c.mu.Unlock()
 		return ErrClosed
 	}
-	c.ops <- o
-	c.mu.RUnlock()
+	c.queue = append(c.queue, o)
+	if c.leading {
+		c.mu.Unlock()
+		if err := <-o.result; err != errLead {
+			return err
+		}
+	} else {
+		c.leading = true
+		c.mu.Unlock()
+	}
+	// This writer leads, and its op is the first queued: a leader only stops with the queue
+	// empty, and hands the lead to the head of the queue.
+	c.lead()
 	return <-o.result
 }
 
-// close answers every queued write, then stops the commit goroutine.
-func (c *committer) close() {
+// lead commits the head of the queue (up to maxBatch ops), then hands the lead on or stops.
+func (c *committer) lead() {
 	c.mu.Lock()
-	if !c.closed {
-		c.closed = true
-		close(c.ops)
-	}
+	n := min(len(c.queue), c.maxBatch)
+	batch := c.queue[:n:n]
+	c.queue = append([]*op(nil), c.queue[n:]...)
 	c.mu.Unlock()
-	<-c.done
+
+	c.commit(batch)
+
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.queue) > 0 {
+		c.queue[0].result <- errLead
+		return
+	}
+	c.leading = false
+	c.idle.Broadcast()
 }
 
-func (c *committer) run() {
-	defer close(c.done)
-	batch := make([]*op, 0, c.maxBatch)
-	for first := range c.ops {
-		batch = append(batch[:0], first)
-	fill:
-		for len(batch) < c.maxBatch {
-			select {
-			case o, ok := <-c.ops:
-				if !ok {
-					break fill
-				}
-				batch = append(batch, o)
-			default:
-				break fill
-			}
-		}
-		c.commit(batch)
-		clear(batch)
+// close refuses new writes and returns once every queued write is answered.
+func (c *committer) close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closed = true
+	for c.leading {
+		c.idle.Wait()
 	}
 }
 

@@ -31,7 +31,7 @@ type topic struct {
 
 // snapshot is a topic's state at one moment; it never changes once published.
 type snapshot struct {
-	events []Event // contiguous in seq, oldest first
+	events []Event // contiguous in seq, oldest first; at most 2×size-1 of them
 	err    error   // set when the job is deleted or the store closes
 }
 
@@ -111,10 +111,18 @@ func (t *topic) push(ev Event, size int) {
 		// than let a reader take a hole for a run.
 		kept = nil
 	}
-	kept = kept[max(0, len(kept)-size+1):]
-	events := make([]Event, len(kept), len(kept)+1)
-	copy(events, kept)
-	t.snap.Store(&snapshot{events: append(events, ev)})
+	if len(kept) == cap(kept) {
+		// Full: carry the newest size-1 events into an array with room for size more. Until
+		// it fills, each push appends in place, past the end of every published snapshot
+		// (older snapshots are prefixes of the newest and never see the new element), so a
+		// push allocates a new array once per size events rather than copying the window
+		// every time.
+		kept = kept[max(0, len(kept)-size+1):]
+		grown := make([]Event, len(kept), len(kept)+size)
+		copy(grown, kept)
+		kept = grown
+	}
+	t.snap.Store(&snapshot{events: append(kept, ev)})
 	t.wakeLocked()
 }
 
