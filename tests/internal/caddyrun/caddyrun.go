@@ -425,6 +425,11 @@ func (c *Caddy) Profile(ctx context.Context, seconds int, path string) error {
 	return FetchProfile(ctx, fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", c.Admin, seconds), path)
 }
 
+// Allocs saves what Caddy allocated over seconds (admin /debug/pprof/allocs, a delta profile).
+func (c *Caddy) Allocs(ctx context.Context, seconds int, path string) error {
+	return FetchProfile(ctx, fmt.Sprintf("http://%s/debug/pprof/allocs?seconds=%d", c.Admin, seconds), path)
+}
+
 // Trace saves an execution trace of Caddy over seconds (admin /debug/pprof/trace).
 func (c *Caddy) Trace(ctx context.Context, seconds int, path string) error {
 	return FetchProfile(ctx, fmt.Sprintf("http://%s/debug/pprof/trace?seconds=%d", c.Admin, seconds), path)

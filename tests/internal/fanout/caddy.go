@@ -74,8 +74,14 @@ func (c *caddyTarget) close() {
 func (c *caddyTarget) makeJobs(ctx context.Context, n int) ([]job, error) { return c.MakeJobs(ctx, n) }
 
 func (c *caddyTarget) profile(ctx context.Context, seconds int, path string) error {
+	if profileAllocs {
+		return c.Allocs(ctx, seconds, path)
+	}
 	return c.Profile(ctx, seconds, path)
 }
+
+// profileAllocs makes -profile take an allocation profile instead of a CPU profile (-allocs).
+var profileAllocs bool
 
 func (c *caddyTarget) trace(ctx context.Context, seconds int, path string) error {
 	return c.Trace(ctx, seconds, path)

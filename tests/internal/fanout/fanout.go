@@ -98,6 +98,7 @@ func Main(args []string) int {
 	window := fs.Duration("window", 20*time.Second, "the measured window")
 	streams := fs.Int("streams", 100, "SSE streams per HTTP/2 connection")
 	profile := fs.Bool("profile", false, "take a CPU profile of Caddy over each window (admin /debug/pprof/profile) and print its top")
+	fs.BoolVar(&profileAllocs, "allocs", false, "with -profile: an allocation profile (admin /debug/pprof/allocs, what was allocated over the window) instead of a CPU profile")
 	trace := fs.Bool("trace", false, "take a 3 s execution trace of Caddy in each window (admin /debug/pprof/trace) and print its syscall and scheduler-latency profiles")
 	harnessProfile := fs.Bool("harness-profile", false, "take a CPU profile of the harness itself over each window")
 	quietWait := fs.Duration("quiet-wait", 3*time.Minute, "how long in all to wait for a quiet machine")

@@ -89,6 +89,9 @@ func (t *redis3Target) makeJobs(ctx context.Context, n int) ([]job, error) {
 }
 
 func (t *redis3Target) profile(ctx context.Context, seconds int, path string) error {
+	if profileAllocs {
+		return t.nodes[0].Allocs(ctx, seconds, path)
+	}
 	return t.nodes[0].Profile(ctx, seconds, path)
 }
 
