@@ -214,6 +214,7 @@ func (s *boltStore) Close() error {
 		close(s.stopSweep)
 		s.sweeping.Wait()
 		s.commits.close()
+		s.live.close()
 		s.feed.close()
 		err = s.db.Close()
 	})

@@ -293,6 +293,9 @@ func (s *boltStore) Create(ctx context.Context, spec NewJob) (*Job, bool, error)
 	}
 	published := func() {
 		if created {
+			if !j.State.Terminal() {
+				lj.committed.Store(j)
+			}
 			s.feed.publish(c.ev)
 		}
 	}
@@ -315,6 +318,9 @@ func (s *boltStore) Get(ctx context.Context, id string) (*Job, error) {
 	rid, ok := parseID(id)
 	if !ok {
 		return nil, ErrNotFound
+	}
+	if j := s.live.committed(rid); j != nil {
+		return j.clone(), nil
 	}
 	var j *Job
 	err := s.view(func(tx *bolt.Tx) error {
@@ -417,6 +423,11 @@ func (s *boltStore) changeLive(rid rawID, lj *liveJob, mutate func(prev, j *Job)
 		return nil
 	}
 	published := func() {
+		if j.State.Terminal() {
+			lj.committed.Store(nil)
+		} else {
+			lj.committed.Store(j)
+		}
 		if committed != nil {
 			committed()
 		}
@@ -815,6 +826,12 @@ func (s *boltStore) Wait(ctx context.Context, id string, after uint64) (Event, e
 		return Event{}, err
 	}
 	defer s.feed.unwatch(id, t)
+	// A running job's newest version is in memory. It is stored before its change is
+	// published, and the topic is watched now: if it is not past after, nothing past after
+	// was published before the watch, and whatever comes later reaches the topic.
+	if j := s.live.committed(rid); j != nil && j.Seq <= after {
+		return (&Feed{s.feed}).Wait(ctx, &Topic{t}, after)
+	}
 	var current Event
 	err = s.view(func(tx *bolt.Tx) error {
 		j, err := s.loadJob(tx, rid)

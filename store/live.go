@@ -1,6 +1,9 @@
 package store
 
-import "sync"
+import (
+	"sync"
+	"sync/atomic"
+)
 
 // live holds the newest committed version of every job that has not finished, so that a change
 // of such a job is read, mutated and encoded before it is queued for the commit: the commit
@@ -8,8 +11,9 @@ import "sync"
 // than the jobs running or queued in this process: a job leaves it with its terminal commit or
 // its deletion. (Jobs of an earlier process are never live: Open ends them all.)
 type live struct {
-	mu   sync.Mutex
-	jobs map[rawID]*liveJob
+	mu     sync.Mutex
+	jobs   map[rawID]*liveJob
+	closed bool // the store closed: readers get nothing from memory, so they see ErrClosed
 }
 
 // liveJob is one unfinished job. mu is held by the one change of the job in flight, from reading
@@ -17,6 +21,12 @@ type live struct {
 type liveJob struct {
 	mu  sync.Mutex
 	job *Job // newest committed version, owned by the holder of mu; nil once the job has left
+
+	// committed is the newest committed version for readers, who must not wait for mu (held
+	// across a commit): Get and Wait of a running job read no page and decode no record.
+	// It is stored after the commit and before the change is published, never changed once
+	// stored, and nil before the creation commit and once the job has left.
+	committed atomic.Pointer[Job]
 }
 
 func newLive() *live { return &live{jobs: make(map[rawID]*liveJob)} }
@@ -40,10 +50,31 @@ func (l *live) get(id rawID) *liveJob {
 // remove ends id's entry; the caller holds lj.mu.
 func (l *live) remove(id rawID, lj *liveJob) {
 	lj.job = nil
+	lj.committed.Store(nil)
 	l.mu.Lock()
 	if l.jobs[id] == lj {
 		delete(l.jobs, id)
 	}
+	l.mu.Unlock()
+}
+
+// committed returns the newest committed version of id if it is live, or nil. The caller
+// must not change it.
+func (l *live) committed(id rawID) *Job {
+	l.mu.Lock()
+	lj := l.jobs[id]
+	closed := l.closed
+	l.mu.Unlock()
+	if lj == nil || closed {
+		return nil
+	}
+	return lj.committed.Load()
+}
+
+// close makes committed answer nil from now on.
+func (l *live) close() {
+	l.mu.Lock()
+	l.closed = true
 	l.mu.Unlock()
 }
 
