@@ -17,6 +17,8 @@
 //	active:{inst}     set: the unfinished jobs an instance runs
 //	instances         set: the instances that have run jobs
 //	ctl:{inst}        stream: the jobs an instance runs that others canceled or deleted
+//	changes           stream: every event appended to an ev:{id} after the job's creation, as fields j (job id), s (seq, "x" for a tombstone), n (number); about the newest 100,000 kept
+//	changes:n         string: the number of the last entry of changes
 //	secret, route:{name}
 //
 // # Durability
@@ -28,10 +30,16 @@
 //
 // # Live tail
 //
-// Each store runs one reader on one connection that follows, with XREAD BLOCK, the event
-// streams of the jobs its local subscribers and waiters watch, and hands what it reads to the
-// same in-memory feed the bbolt store uses. However many clients follow a job, an instance
-// holds one blocking connection. Changes made by the instance itself reach its feed at once.
+// Each store runs one reader on one connection that follows, with XREAD BLOCK, one stream
+// shared by every instance, changes, where each script that appends an event to a job's stream
+// also names the job and the event's seq. For the jobs its local subscribers and waiters
+// watch, the reader reads the new events from their streams (XRANGE, pipelined) and hands
+// them to the same in-memory feed the bbolt store uses. Its cost, and the time it holds
+// Redis, follows the events written, not the number of jobs followed: however many jobs and
+// clients an instance follows, it holds one blocking connection on two keys (changes and its
+// control stream). Changes made by the instance itself reach its feed at once. A reader that
+// finds announcements trimmed before it read them (changes is capped), or that connects
+// again, reads every followed stream from where it was.
 //
 // # Liveness
 //

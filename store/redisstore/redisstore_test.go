@@ -297,6 +297,10 @@ func TestKeysExpireAndGo(t *testing.T) {
 			if ttl, _ := s.rdb.PTTL(ctx, k).Result(); ttl <= 0 || ttl > tombstoneTTL {
 				t.Errorf("tombstone TTL %s", ttl)
 			}
+		case prefix + "changes", prefix + "changes:n": // shared by every job, capped, kept a day
+			if ttl, _ := s.rdb.PTTL(ctx, k).Result(); ttl <= 0 || ttl > 24*time.Hour {
+				t.Errorf("key %s has TTL %s, want at most a day", k, ttl)
+			}
 		case prefix + "secret", prefix + "instances", prefix + "lease:" + s.inst, prefix + "active:" + s.inst:
 		default:
 			t.Errorf("key %s left after Delete", k)
@@ -341,6 +345,153 @@ func TestEndedElsewhere(t *testing.T) {
 			}
 		case <-timeout:
 			t.Fatalf("did not hear of %s", want)
+		}
+	}
+}
+
+// TestAnnouncedAcrossInstances: events written on any instance reach the subscribers of the
+// others, in order and once, through the changes stream; following a job needs no extra read
+// of every followed stream.
+func TestAnnouncedAcrossInstances(t *testing.T) {
+	srv := redistest.Start(t)
+	prefix := freshPrefix()
+	a, b, c := openTest(t, srv, prefix, Options{}), openTest(t, srv, prefix, Options{}), openTest(t, srv, prefix, Options{})
+	ctx := context.Background()
+	const jobs, updates = 20, 5
+	var ids []string
+	var subs []store.Subscription
+	for range jobs {
+		j, _, err := a.Create(ctx, store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, j.ID)
+		for _, s := range []*redisStore{b, c} {
+			sub, err := s.Subscribe(ctx, j.ID, 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sub.Close()
+			subs = append(subs, sub)
+		}
+	}
+	writers := []*redisStore{a, b, c}
+	for k := range updates {
+		for i, id := range ids {
+			w := writers[(i+k)%3]
+			if _, err := w.Update(ctx, id, func(j *store.Job) error { j.Progress = &store.Progress{Stage: fmt.Sprint(k)}; return nil }); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for _, id := range ids {
+		if _, err := c.Finish(ctx, id, store.Outcome{State: store.Succeeded}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	next, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for i, sub := range subs {
+		for want := uint64(2); want <= 2+updates; want++ {
+			ev, err := sub.Next(next)
+			if err != nil || ev.Seq != want || ev.JobID != ids[i/2] {
+				t.Fatalf("subscriber %d: %+v %v, want seq %d of %s", i, ev, err, want, ids[i/2])
+			}
+			if ev.Done() != (want == 2+updates) {
+				t.Fatalf("subscriber %d: seq %d done %v", i, ev.Seq, ev.Done())
+			}
+		}
+	}
+	for name, s := range map[string]*redisStore{"b": b, "c": c} {
+		if n := s.tail.resyncs.Load(); n != 1 {
+			t.Errorf("instance %s read every followed stream %d times, want once (at connecting)", name, n)
+		}
+	}
+}
+
+// TestFallBehindResyncs: a reader that finds announcements it had not read trimmed away reads
+// every followed stream again, so the event whose announcement it missed still reaches the
+// subscribers, once.
+func TestFallBehindResyncs(t *testing.T) {
+	srv := redistest.Start(t)
+	prefix := freshPrefix()
+	a, b := openTest(t, srv, prefix, Options{}), openTest(t, srv, prefix, Options{})
+	ctx := context.Background()
+	newJob := func() string {
+		j, _, err := a.Create(ctx, store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return j.ID
+	}
+	update := func(id, stage string) {
+		t.Helper()
+		if _, err := a.Update(ctx, id, func(j *store.Job) error { j.Progress = &store.Progress{Stage: stage}; return nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	one, two := newJob(), newJob()
+	subOne, err := b.Subscribe(ctx, one, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer subOne.Close()
+	subTwo, err := b.Subscribe(ctx, two, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer subTwo.Close()
+	// Both subscribers have read the stored log and wait on the feed: what b's reader does not
+	// publish they do not get.
+	for _, sub := range []store.Subscription{subOne, subTwo} {
+		if ev, ok, err := sub.Poll(ctx); ok || err != nil {
+			t.Fatalf("subscriber with nothing new: %+v %v", ev, err)
+		}
+	}
+	// Stop b's reader before its next XREAD; an event of job one brings it there if it is
+	// blocked in one now.
+	hold := &readerHold{arrived: make(chan struct{}), release: make(chan struct{})}
+	b.tail.hold.Store(hold)
+	update(one, "a")
+	select {
+	case <-hold.arrived:
+	case <-time.After(30 * time.Second):
+		t.Fatal("b's reader did not come round to its next XREAD")
+	}
+	// Job two's event is announced and the announcement trimmed before b reads it, as if b
+	// had fallen further behind than the stream's cap; job one's next event is announced
+	// after the gap.
+	update(two, "b")
+	if err := a.rdb.XTrimMaxLen(ctx, prefix+"changes", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	update(one, "c")
+	before := b.tail.resyncs.Load()
+	close(hold.release)
+	next, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for _, want := range []struct {
+		sub store.Subscription
+		seq uint64
+	}{{subOne, 2}, {subOne, 3}, {subTwo, 2}} {
+		ev, err := want.sub.Next(next)
+		if err != nil || ev.Seq != want.seq {
+			t.Fatalf("subscriber on b: %+v %v, want seq %d", ev, err, want.seq)
+		}
+	}
+	if n := b.tail.resyncs.Load(); n <= before {
+		t.Fatalf("b's reader did not read every followed stream again (%d times, %d before)", n, before)
+	}
+	// Nothing is delivered twice: the next event of each job comes next.
+	update(one, "d")
+	update(two, "e")
+	for _, want := range []struct {
+		sub store.Subscription
+		seq uint64
+	}{{subOne, 4}, {subTwo, 3}} {
+		ev, err := want.sub.Next(next)
+		if err != nil || ev.Seq != want.seq {
+			t.Fatalf("subscriber on b: %+v %v, want seq %d", ev, err, want.seq)
 		}
 	}
 }

@@ -7,7 +7,8 @@ import "github.com/redis/go-redis/v9"
 // store targets one Redis server (or a replicated primary), not Redis Cluster, whose scripts
 // must name every key up front.
 
-// luaPrelude is shared by the scripts that take a job out of the listings or end a job.
+// luaPrelude is shared by the scripts that append to a job's stream after its creation, take a
+// job out of the listings or end a job.
 const luaPrelude = `
 -- tellOwner tells the instance running a job that another one ended it, on that instance's
 -- control stream, which its reader follows: it stops the job's upstream request.
@@ -17,6 +18,20 @@ local function tellOwner(P, inst, writer, id)
 		redis.call('XADD', ctl, 'MAXLEN', '~', 1000, '*', 'id', id)
 		redis.call('PEXPIRE', ctl, 86400000)
 	end
+end
+-- announce names, on the changes stream that every instance's reader follows, a job whose
+-- stream got an entry: seq, or 'x' for a tombstone. n numbers the entries one by one, so that a
+-- reader can tell that entries it had not read yet were trimmed. The stream keeps about the
+-- newest 100,000 (some 55 bytes each in Redis, 5.5 MB): a reader falls that far behind only
+-- if it stops for 100 s at 1,000 events a second, and then it reads every stream it follows
+-- again (one XRANGE per followed job), so a longer stream buys little. Both keys live a day
+-- after the last event, like the control streams.
+local function announce(P, id, seq)
+	local ch = P .. 'changes'
+	local n = redis.call('INCR', ch .. ':n')
+	redis.call('XADD', ch, 'MAXLEN', '~', 100000, '*', 'j', id, 's', seq, 'n', n)
+	redis.call('PEXPIRE', ch, 86400000)
+	redis.call('PEXPIRE', ch .. ':n', 86400000)
 end
 local states = {'queued', 'running', 'succeeded', 'failed', 'canceled'}
 local function unindex(P, member, owner)
@@ -31,7 +46,8 @@ end
 `
 
 // createScript makes a job, or returns the id of the owner's job made with the same
-// Idempotency-Key. ARGV: prefix, id, record, event kind, document, listing member, instance,
+// Idempotency-Key. Its first event is not announced on the changes stream: an instance follows
+// a job only after reading it, so it never waits for that event. ARGV: prefix, id, record, event kind, document, listing member, instance,
 // idempotency index ("" for none), state, owner hash. Returns "" when it made the job.
 var createScript = redis.NewScript(`
 local P, id, idem = ARGV[1], ARGV[2], ARGV[8]
@@ -74,6 +90,7 @@ local new = tostring(tonumber(seq) + 1)
 local ev = P .. 'ev:' .. id
 redis.call('HSET', job, 'rec', ARGV[4], 'seq', new)
 redis.call('XADD', ev, 'MAXLEN', ARGV[14], new .. '-0', 'k', ARGV[5], 'd', ARGV[6])
+announce(P, id, new)
 if ARGV[9] ~= ARGV[10] then
 	local own = P .. 'own:' .. ARGV[8]
 	redis.call('ZREM', own .. ':' .. ARGV[9], ARGV[7])
@@ -117,6 +134,7 @@ if idem ~= '' and redis.call('GET', P .. 'idem:' .. idem) == id then
 end
 local ev = P .. 'ev:' .. id
 redis.call('XADD', ev, '*', 'k', 'x')
+announce(P, id, 'x')
 redis.call('PEXPIRE', ev, ARGV[6])
 return 1
 `)
