@@ -20,7 +20,7 @@ import (
 
 // TestStalledSubscribers: a thousand SSE subscribers that read their first event and then
 // never read again do not slow the healthy subscribers of the same jobs, cost Caddy bounded
-// memory, and are dropped once a write has waited write_timeout.
+// memory, and are dropped once a write has waited write_timeout (at most 1.5 times it).
 //
 // The stalled subscribers are HTTP/2 streams with a receive window of 16 KiB, and the jobs
 // publish progress documents of about 9 KiB, so Caddy's writes to them really block within
