@@ -78,7 +78,7 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
 	if action == "progress" {
 		return a.callback(w, r, id)
 	}
-	allowed := map[string]string{"": "GET, HEAD, DELETE", "events": "GET", "result": "GET, HEAD", "cancel": "POST"}[action]
+	allowed := allowedMethods(action)
 	if allowed == "" {
 		return notFound()
 	}
@@ -103,6 +103,22 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
 	default:
 		return a.cancel(w, r, job)
 	}
+}
+
+// allowedMethods is the Allow header of a job resource ("" for none). A switch, not a map
+// literal: this runs for every request, and a map literal is built anew each time.
+func allowedMethods(action string) string {
+	switch action {
+	case "":
+		return "GET, HEAD, DELETE"
+	case "events":
+		return "GET"
+	case "result":
+		return "GET, HEAD"
+	case "cancel":
+		return "POST"
+	}
+	return ""
 }
 
 // load reads a job and checks that the reader is its owner. Someone else's job and a job that

@@ -555,7 +555,12 @@ func (s *boltStore) Delete(ctx context.Context, id string) error {
 		var err error
 		trash, err = s.deleteJob(tx, rid)
 		return err
-	}, func() { s.feed.fail(id, ErrNotFound) })
+	}, func() {
+		if lj != nil {
+			lj.committed.Store(nil) // readers see the deletion before anyone is told of it
+		}
+		s.feed.fail(id, ErrNotFound)
+	})
 	if err != nil {
 		restoreTrash(trash)
 		return err
