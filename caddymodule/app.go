@@ -72,6 +72,9 @@ type App struct {
 	// DisableMetrics keeps the caddy_progress_* metrics out of Caddy's metrics registry (and
 	// saves their upkeep). Default: on, served at the admin endpoint's /metrics.
 	DisableMetrics bool `json:"disable_metrics,omitempty"`
+	// DisableTraces keeps the plugin's spans out of traces even where Caddy's tracing directive
+	// traces the request (Caddy's own request spans stay). Default: on.
+	DisableTraces bool `json:"disable_traces,omitempty"`
 
 	path   string
 	shared *shared
@@ -173,6 +176,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		a.logger.Debug("sharing the open job store", zap.String("store", redactedStore(a.path)))
 	}
 	a.shared = val.(*shared)
+	a.shared.engine.SetTraces(!a.DisableTraces)
 	if err := a.provisionMetrics(ctx); err != nil {
 		return err
 	}

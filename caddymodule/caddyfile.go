@@ -86,17 +86,9 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "max_callback_size":
 			err = oneSize(d, &a.MaxCallbackSize)
 		case "metrics":
-			var v string
-			if err = oneString(d, &v); err == nil {
-				switch v {
-				case "on":
-					a.DisableMetrics = false
-				case "off":
-					a.DisableMetrics = true
-				default:
-					err = d.Errf("metrics must be on or off, not %q", v)
-				}
-			}
+			err = onOff(d, "metrics", &a.DisableMetrics)
+		case "traces":
+			err = onOff(d, "traces", &a.DisableTraces)
 		default:
 			return d.Errf("unrecognized subdirective %q", d.Val())
 		}
@@ -300,3 +292,20 @@ var (
 	_ caddyfile.Unmarshaler = (*Handler)(nil)
 	_ caddyfile.Unmarshaler = (*APIHandler)(nil)
 )
+
+// onOff reads the one argument of a switch, on or off, into a Disable… field.
+func onOff(d *caddyfile.Dispenser, name string, disabled *bool) error {
+	var v string
+	if err := oneString(d, &v); err != nil {
+		return err
+	}
+	switch v {
+	case "on":
+		*disabled = false
+	case "off":
+		*disabled = true
+	default:
+		return d.Errf("%s must be on or off, not %q", name, v)
+	}
+	return nil
+}

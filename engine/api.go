@@ -227,7 +227,7 @@ func (a *API) status(w http.ResponseWriter, r *http.Request, job *store.Job) err
 		defer context.AfterFunc(a.Done, cancel)() // a stopping server must not wait for us
 		m := a.Engine.Metrics()
 		left := m.subscribed(SubscriberLongPoll)
-		span := startRequestSpan(r, "progress long-poll", job.ID, job)
+		span := a.Engine.startRequestSpan(r, "progress long-poll", job.ID, job)
 		ev, err := a.Engine.Store.Wait(ctx, job.ID, seen)
 		left()
 		if span != nil {

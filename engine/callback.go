@@ -17,7 +17,7 @@ import (
 // section 4). It answers 204 only once the report is durable.
 func (a *API) callback(w http.ResponseWriter, r *http.Request, id string) (err error) {
 	m := a.Engine.Metrics()
-	span := startRequestSpan(r, "progress callback", id, nil)
+	span := a.Engine.startRequestSpan(r, "progress callback", id, nil)
 	reason := ""
 	defer func() {
 		if reason != "" {

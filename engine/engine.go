@@ -37,6 +37,7 @@ type Engine struct {
 
 	signer    *upstreamhook.Signer
 	metrics   atomic.Pointer[Metrics] // nil: metrics off
+	tracesOff atomic.Bool             // no job spans even under a sampled request span
 	reports   reports
 	estimates estimator
 	// background counts goroutines the engine owns besides jobs (progress report writers).
@@ -83,6 +84,11 @@ func (e *Engine) abort(id string) {
 // SetMetrics turns metrics on (or off, with nil) for what the engine does from now on; the
 // newest config decides. Routes pick the metrics up when they are initialised.
 func (e *Engine) SetMetrics(m *Metrics) { e.metrics.Store(m) }
+
+// SetTraces turns the engine's spans on (the default) or off for what it does from now on;
+// the newest config decides. Off, the plugin makes no span even when Caddy's tracing directive
+// traces the request: Caddy's own request spans stay.
+func (e *Engine) SetTraces(on bool) { e.tracesOff.Store(!on) }
 
 // Metrics returns the metrics in use, nil when they are off.
 func (e *Engine) Metrics() *Metrics { return e.metrics.Load() }

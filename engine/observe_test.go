@@ -270,6 +270,51 @@ func TestNoSpanNoTrace(t *testing.T) {
 	}
 }
 
+// TestTracesOff: with the engine's traces off (`traces off`), a sampled request span (Caddy's
+// tracing directive on) gets no job span, no stored traceparent, no traceparent upstream and
+// no callback span; only the requests' own spans are recorded.
+func TestTracesOff(t *testing.T) {
+	recorder := tracetest.NewSpanRecorder()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(recorder))
+	f := newFixture(t, Route{})
+	f.engine.SetTraces(false)
+
+	r, _ := traced(t, tp, httptest.NewRequest("POST", "/reports", nil), "create request")
+	r.Header.Set("Prefer", "respond-async")
+	var seen http.Header
+	release := make(chan struct{})
+	w := serveTo(t, func(w http.ResponseWriter, r *http.Request) error {
+		return f.route.Serve(w, r, Owner{}, func(w http.ResponseWriter, r *http.Request) error {
+			seen = r.Header.Clone()
+			<-release
+			return nil
+		})
+	}, r)
+	doc := docOf(t, w)
+	cb, _ := traced(t, tp, httptest.NewRequest("POST", "/_jobs/"+doc.ID+"/progress", strings.NewReader(`{"percent":50}`)), "callback request")
+	cb.Header.Set("Authorization", "Bearer "+f.engine.Token(doc.ID))
+	if w := serveTo(t, f.api.ServeHTTP, cb); w.Code != http.StatusNoContent {
+		t.Fatalf("callback: %d %s", w.Code, w.Body)
+	}
+	close(release)
+	waitDone(t, f.st, doc.ID)
+	got, err := f.st.Get(context.Background(), doc.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Attrs[AttrTraceParent] != "" || seen.Get("traceparent") != "" {
+		t.Fatalf("traces off: the job keeps %q and the upstream saw %q", got.Attrs[AttrTraceParent], seen.Get("traceparent"))
+	}
+	f.engine.Close()
+	var names []string
+	for _, s := range recorder.Started() {
+		names = append(names, s.Name())
+	}
+	if len(names) != 2 || names[0] != "create request" || names[1] != "callback request" {
+		t.Fatalf("spans started with traces off: %q, want only the two requests' own", names)
+	}
+}
+
 // gathered reads the metrics as a scrape would.
 type gathered map[string]*dto.MetricFamily
 

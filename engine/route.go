@@ -178,7 +178,7 @@ func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, owner Owner, upst
 	if owner.Expr != "" {
 		spec.Attrs = map[string]string{AttrOwnerExpr: owner.Expr}
 	}
-	jt := startJobTrace(r, rt.Name, how)
+	jt := rt.Engine.startJobTrace(r, rt.Name, how)
 	if jt != nil {
 		if spec.Attrs == nil {
 			spec.Attrs = make(map[string]string, 1)

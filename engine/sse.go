@@ -40,7 +40,7 @@ func (a *API) events(w http.ResponseWriter, r *http.Request, job *store.Job) err
 	m := a.Engine.Metrics()
 	defer m.subscribed(SubscriberSSE)()
 	delivered := 0
-	if span := startRequestSpan(r, "progress events", job.ID, job); span != nil {
+	if span := a.Engine.startRequestSpan(r, "progress events", job.ID, job); span != nil {
 		if resumed {
 			span.SetAttributes(attrResumed.Int64(int64(after)))
 		}

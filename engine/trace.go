@@ -48,9 +48,13 @@ const (
 // propagators the tracing directive uses for its own requests.
 var traceContext propagation.TraceContext
 
-// requestTracer returns a tracer from the provider of r's span, or nil when r has no span.
-func requestTracer(r *http.Request) (trace.Tracer, trace.SpanContext) {
+// requestTracer returns a tracer from the provider of r's span, or nil when r has no span or
+// the engine's traces are off.
+func (e *Engine) requestTracer(r *http.Request) (trace.Tracer, trace.SpanContext) {
 	parent := trace.SpanFromContext(r.Context())
+	if e.tracesOff.Load() {
+		return nil, parent.SpanContext()
+	}
 	sc := parent.SpanContext()
 	if !sc.IsValid() || !sc.IsSampled() {
 		// No tracing, or the request was sampled out: the job's spans, new roots, would
@@ -69,8 +73,8 @@ type jobTrace struct {
 }
 
 // startJobTrace opens a job's root span, linked to the span of the request r creating it.
-func startJobTrace(r *http.Request, route, how string) *jobTrace {
-	tracer, requestSpan := requestTracer(r)
+func (e *Engine) startJobTrace(r *http.Request, route, how string) *jobTrace {
+	tracer, requestSpan := e.requestTracer(r)
 	if tracer == nil {
 		return nil
 	}
@@ -168,8 +172,8 @@ func jobLink(doc *store.Job) (trace.Link, bool) {
 
 // startRequestSpan starts a span under r's own span for work on a job (a callback, an event
 // stream, a long-poll), linked to the job's span when doc is known; nil when tracing is off.
-func startRequestSpan(r *http.Request, name, id string, doc *store.Job) trace.Span {
-	tracer, _ := requestTracer(r)
+func (e *Engine) startRequestSpan(r *http.Request, name, id string, doc *store.Job) trace.Span {
+	tracer, _ := e.requestTracer(r)
 	if tracer == nil {
 		return nil
 	}

@@ -181,6 +181,7 @@ type options struct {
 	obsFanShapes string
 	obsFanRounds int
 	obsEnv       []string
+	obsOnGlobal  []string // global progress options added to the "on" configuration
 }
 
 func harnessMain(args []string) int {
@@ -223,6 +224,10 @@ func harnessMain(args []string) int {
 			return errors.New("want KEY=VALUE")
 		}
 		o.obsEnv = append(o.obsEnv, v)
+		return nil
+	})
+	fs.Func("obs-on-global", `observe: a global progress option added to the "on" configuration, e.g. "traces off" (with "metrics off" too, "on" is Caddy's tracing directive alone); repeatable`, func(v string) error {
+		o.obsOnGlobal = append(o.obsOnGlobal, v)
 		return nil
 	})
 	fs.Func("idle-caddy-bin", "idle: also measure this prebuilt Caddy (e.g. of another commit), as caddy2, caddy3, …; repeatable", func(v string) error {

@@ -137,6 +137,8 @@ func TestAdaptErrors(t *testing.T) {
 			[]string{`estimate "0s"`, "or off", "Caddyfile:3"}},
 		{"estimate needs one argument", ":8080 {\n\tprogress {\n\t\testimate 1s off\n\t}\n\treverse_proxy 127.0.0.1:9000\n}\n",
 			[]string{"Caddyfile:3"}},
+		{"traces is on or off", "{\n\tprogress {\n\t\ttraces sometimes\n\t}\n}\n:8080 {\n\tprogress_api\n}\n",
+			[]string{`traces must be on or off, not "sometimes"`, "Caddyfile:3"}},
 		{"extra argument", ":8080 {\n\tprogress {\n\t\tconcurrency 4 5\n\t}\n\treverse_proxy 127.0.0.1:9000\n}\n",
 			[]string{"Caddyfile:3"}},
 	}
