@@ -168,18 +168,13 @@ func (e *Engine) writeReports(id string, jr *jobReports) {
 	}
 }
 
-// writeBatch writes the job's pending batch, if any, and reports whether another is pending
-// now. The caller holds the job's writing flag; writeBatch clears it when nothing is left.
+// writeBatch writes the job's pending batch and reports whether another is pending now. The
+// caller holds the job's writing flag, and a batch is pending (the caller's own, or one that
+// writeBatch reported); writeBatch clears the flag when nothing is left.
 func (e *Engine) writeBatch(id string, jr *jobReports) (more bool) {
 	e.reports.mu.Lock()
 	b := jr.next
 	jr.next = nil
-	if b == nil {
-		jr.writing = false
-		delete(e.reports.jobs, id)
-		e.reports.mu.Unlock()
-		return false
-	}
 	e.reports.mu.Unlock()
 	// Not the caller's context: the write serves every report merged into the batch.
 	b.job, b.err = e.Store.Update(context.Background(), id, func(j *store.Job) error {
