@@ -423,9 +423,7 @@ func (s *boltStore) changeLive(rid rawID, lj *liveJob, mutate func(prev, j *Job)
 		return nil
 	}
 	published := func() {
-		if j.State.Terminal() {
-			lj.committed.Store(nil)
-		} else {
+		if !j.State.Terminal() {
 			lj.committed.Store(j)
 		}
 		if committed != nil {
@@ -433,7 +431,12 @@ func (s *boltStore) changeLive(rid rawID, lj *liveJob, mutate func(prev, j *Job)
 		}
 		s.feed.publish(c.ev)
 	}
+	// Readers go to the file while the change is in flight: once it is committed, a reader of
+	// the event log can see it before it is published, and must not then read the version
+	// before it from memory.
+	lj.committed.Store(nil)
 	if err := s.commits.do(apply, published); err != nil {
+		lj.committed.Store(prev)
 		return nil, false, err
 	}
 	if j.State.Terminal() {
@@ -551,17 +554,18 @@ func (s *boltStore) Delete(ctx context.Context, id string) error {
 		defer lj.mu.Unlock()
 	}
 	var trash string
+	if lj != nil {
+		lj.committed.Store(nil) // readers go to the file while the deletion is in flight
+	}
 	err := s.commits.do(func(tx *bolt.Tx) error {
 		var err error
 		trash, err = s.deleteJob(tx, rid)
 		return err
-	}, func() {
-		if lj != nil {
-			lj.committed.Store(nil) // readers see the deletion before anyone is told of it
-		}
-		s.feed.fail(id, ErrNotFound)
-	})
+	}, func() { s.feed.fail(id, ErrNotFound) })
 	if err != nil {
+		if lj != nil && lj.job != nil {
+			lj.committed.Store(lj.job)
+		}
 		restoreTrash(trash)
 		return err
 	}

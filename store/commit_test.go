@@ -1,10 +1,12 @@
 package store
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -182,3 +184,57 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// TestReadersSeeWhatTheLogShows: between a change's commit and its publication, a reader of
+// the event log already sees the change; Get (which serves running jobs from memory) must not
+// then answer the version before it. The commit observer holds the commit of the job's end
+// there while the test reads.
+func TestReadersSeeWhatTheLogShows(t *testing.T) {
+	var hold atomic.Pointer[readerHold]
+	s := openTest(t, Options{ObserveCommit: func(time.Duration, int) {
+		if h := hold.Load(); h != nil && hold.CompareAndSwap(h, nil) {
+			close(h.arrived)
+			<-h.release
+		}
+	}})
+	ctx := context.Background()
+	j := newJob(t, s)
+	if _, err := s.Update(ctx, j.ID, func(j *Job) error { j.State = Running; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.Get(ctx, j.ID); err != nil || got.State != Running {
+		t.Fatalf("Get of the running job: %v, %v", got, err)
+	}
+
+	h := &readerHold{arrived: make(chan struct{}), release: make(chan struct{})}
+	hold.Store(h)
+	finished := make(chan error, 1)
+	go func() {
+		_, err := s.Finish(ctx, j.ID, Outcome{State: Failed, Error: &JobError{Code: "upstream_incomplete", Message: "cut short"}})
+		finished <- err
+	}()
+	<-h.arrived // committed, not yet published
+	evs, err := s.Events(ctx, j.ID, 0, 100)
+	released := false
+	release := func() {
+		if !released {
+			released = true
+			close(h.release)
+		}
+	}
+	defer release()
+	if err != nil || len(evs) == 0 || !evs[len(evs)-1].Done() {
+		t.Fatalf("the log does not show the end yet: %d events, %v", len(evs), err)
+	}
+	got, err := s.Get(ctx, j.ID)
+	if err != nil || got.State != Failed {
+		t.Fatalf("Get after the log showed the end: state %q, %v; want failed", got.State, err)
+	}
+	release()
+	if err := <-finished; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// readerHold stops a commit after it is durable: arrived closes, then it waits for release.
+type readerHold struct{ arrived, release chan struct{} }

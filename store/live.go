@@ -24,8 +24,9 @@ type liveJob struct {
 
 	// committed is the newest committed version for readers, who must not wait for mu (held
 	// across a commit): Get and Wait of a running job read no page and decode no record.
-	// It is stored after the commit and before the change is published, never changed once
-	// stored, and nil before the creation commit and once the job has left.
+	// It is nil while a change is in flight (readers then read the file), set again after the
+	// commit and before the change is published, never changed once stored, and nil before
+	// the creation commit and once the job has left.
 	committed atomic.Pointer[Job]
 }
 
