@@ -190,7 +190,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // then answer the version before it. The commit observer holds the commit of the job's end
 // there while the test reads.
 func TestReadersSeeWhatTheLogShows(t *testing.T) {
-	var hold atomic.Pointer[readerHold]
+	var hold atomic.Pointer[commitHold]
 	s := openTest(t, Options{ObserveCommit: func(time.Duration, int) {
 		if h := hold.Load(); h != nil && hold.CompareAndSwap(h, nil) {
 			close(h.arrived)
@@ -206,7 +206,7 @@ func TestReadersSeeWhatTheLogShows(t *testing.T) {
 		t.Fatalf("Get of the running job: %v, %v", got, err)
 	}
 
-	h := &readerHold{arrived: make(chan struct{}), release: make(chan struct{})}
+	h := &commitHold{arrived: make(chan struct{}), release: make(chan struct{})}
 	hold.Store(h)
 	finished := make(chan error, 1)
 	go func() {
@@ -215,13 +215,8 @@ func TestReadersSeeWhatTheLogShows(t *testing.T) {
 	}()
 	<-h.arrived // committed, not yet published
 	evs, err := s.Events(ctx, j.ID, 0, 100)
-	released := false
-	release := func() {
-		if !released {
-			released = true
-			close(h.release)
-		}
-	}
+	var releaseOnce sync.Once
+	release := func() { releaseOnce.Do(func() { close(h.release) }) }
 	defer release()
 	if err != nil || len(evs) == 0 || !evs[len(evs)-1].Done() {
 		t.Fatalf("the log does not show the end yet: %d events, %v", len(evs), err)
@@ -236,5 +231,5 @@ func TestReadersSeeWhatTheLogShows(t *testing.T) {
 	}
 }
 
-// readerHold stops a commit after it is durable: arrived closes, then it waits for release.
-type readerHold struct{ arrived, release chan struct{} }
+// commitHold stops a commit after it is durable: arrived closes, then it waits for release.
+type commitHold struct{ arrived, release chan struct{} }
