@@ -46,9 +46,35 @@ verb_fuzz() {
 		dir=$(go list -f '{{.Dir}}' "$pkg")
 		for target in $(grep -ho '^func Fuzz[A-Za-z0-9_]*' "$dir"/*_test.go 2>/dev/null | sed 's/^func //'); do
 			say "fuzz $pkg $target for $budget"
-			go test -run '^$' -fuzz "^${target}\$" -fuzztime "$budget" "$pkg"
+			fuzz_one "$pkg" "$dir" "$target" "$budget"
 		done
 	done
+}
+
+# fuzz_one runs one fuzz target. Go 1.26's fuzzing coordinator can fail a run that found nothing
+# with a bare "context deadline exceeded" at the end of a -fuzztime duration: the deadline
+# reaches the coordinator before its workers' context is cancelled (golang/go#75804, fixed in
+# Go 1.27). That one failure, with no failing input written to testdata/fuzz/<target>, is
+# reported loudly and counted as a pass; any other failure, or any new input file, fails.
+fuzz_one() {
+	local pkg=$1 dir=$2 target=$3 budget=$4
+	local corpus="$dir/testdata/fuzz/$target" out before status=0
+	out=$(mktemp)
+	before=$(ls "$corpus" 2>/dev/null | sort || true)
+	go test -run '^$' -fuzz "^${target}\$" -fuzztime "$budget" "$pkg" 2>&1 | tee "$out" || status=$?
+	if [ "$status" -ne 0 ]; then
+		local after failures
+		after=$(ls "$corpus" 2>/dev/null | sort || true)
+		failures=$(grep -c -e '^--- FAIL' -e 'Failing input written' -e '^panic:' "$out" || true)
+		if [ "$before" = "$after" ] && [ "$failures" -eq 1 ] &&
+			grep -A1 -e "^--- FAIL: $target (" "$out" | tail -n1 | grep -qx '    context deadline exceeded'; then
+			echo "WARNING: $target: Go's fuzz coordinator failed at the end of its time budget" \
+				"with no failing input (golang/go#75804); counted as passed" >&2
+			status=0
+		fi
+	fi
+	rm -f "$out"
+	return "$status"
 }
 
 verb_build() {
