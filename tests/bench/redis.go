@@ -14,7 +14,7 @@ import (
 
 // startRedis starts the redis-server and sets the store location to its URL.
 func (h *harness) startRedis() error {
-	s, err := redisrun.Start(filepath.Join(h.dir, "redis"))
+	s, err := redisrun.Start(filepath.Join(h.dir, "redis"), "always")
 	if err != nil {
 		return fmt.Errorf("-store redis: %w", err)
 	}

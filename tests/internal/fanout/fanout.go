@@ -104,6 +104,7 @@ func Main(args []string) int {
 	quietWait := fs.Duration("quiet-wait", 3*time.Minute, "how long in all to wait for a quiet machine")
 	caddyBins := fs.String("caddy-bin", "", "comma-separated prebuilt Caddy binaries to compare (each measured in turn, labelled caddy, caddy2, …) instead of building ./tests/caddy")
 	keep := fs.Bool("keep", false, "keep the temporary folder (Caddyfiles, logs, stores, profiles)")
+	redisFsync := fs.String("redis-appendfsync", "always", "caddy-redis3: redis-server's appendfsync (always, everysec or no)")
 	protos := fs.String("protos", "h2", "comma-separated subscriber protocols: h2, h3 (h3: Caddy only; the hub serves HTTP/2)")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -201,7 +202,7 @@ func Main(args []string) int {
 			for _, run := range crossProtos(names, strings.Split(*protos, ",")) {
 				tname, proto := run[0], run[1]
 				quietLeft = waitQuiet(quietLeft)
-				o := runOpts{warmup: *warmup, window: *window, streamsPerConn: *streams, proto: proto,
+				o := runOpts{warmup: *warmup, window: *window, streamsPerConn: *streams, proto: proto, redisFsync: *redisFsync,
 					ours: map[int]string{os.Getpid(): "harness", os.Getppid(): "go run"}, probeDir: dir}
 				label := fmt.Sprintf("%s-%s-%s-r%d", tname, proto, sh, r)
 				bin := caddyBin
@@ -298,13 +299,13 @@ func runOne(tname, caddyBin, self, dir string, sh shape, o runOpts) (*result, er
 		if err != nil {
 			return nil, err
 		}
-		t, err := startRedis3(caddyBin, dir, up, o.proto == "h3")
+		t, err := startRedis3(caddyBin, dir, up, o.proto == "h3", o.redisFsync)
 		if err != nil {
 			up.Close()
 			return nil, err
 		}
 		maps.Copy(o.ours, t.parts())
-		fmt.Fprintf(Out, "# %s (pid %d) on %s; caddy A, B, C pids %d, %d, %d\n", t.redis.Version, t.redis.PID(), t.redis.Addr,
+		fmt.Fprintf(Out, "# %s (pid %d, appendfsync %s) on %s; caddy A, B, C pids %d, %d, %d\n", t.redis.Version, t.redis.PID(), o.redisFsync, t.redis.Addr,
 			t.nodes[0].PID(), t.nodes[1].PID(), t.nodes[2].PID())
 		res, err := measure(ctx, t, sh, o)
 		if res != nil && o.proto == "h3" {

@@ -193,7 +193,7 @@ func TestSmokeCaddyRedis3(t *testing.T) {
 		t.Skip("SKIPPED LOUDLY: " + msg)
 	}
 	bin, dir, up := smokeSetup(t)
-	tg, err := startRedis3(bin, dir, up, false)
+	tg, err := startRedis3(bin, dir, up, false, "always")
 	if err != nil {
 		up.Close()
 		t.Fatal(err)

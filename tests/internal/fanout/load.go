@@ -66,6 +66,7 @@ type runOpts struct {
 	window         time.Duration
 	streamsPerConn int
 	proto          string // h2 (default) or h3: the subscribers' protocol
+	redisFsync     string // caddy-redis3: redis-server's appendfsync
 	profilePath    string // a CPU profile of the target over the window, if the target can
 	tracePath      string // an execution trace of the target, 3 s from 2 s into the window
 	probeDir       string // where the fsync probe writes ("": no probe)

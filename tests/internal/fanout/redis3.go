@@ -12,7 +12,8 @@ import (
 	"github.com/caddy-progress/progress/tests/internal/redisrun"
 )
 
-// redis3Target is the fan-out of issue #8: one redis-server (AOF, appendfsync always) and
+// redis3Target is the fan-out of issue #8: one redis-server (AOF, appendfsync always unless
+// -redis-appendfsync says otherwise) and
 // three Caddy instances A, B and C on it, sharing a callback_secret so that a token minted by
 // one verifies on every one. Jobs are created on A; each job's watchers go round A, B and C
 // (jobState.eventsFor), so every instance holds a third of the streams; every callback goes to
@@ -26,8 +27,8 @@ type redis3Target struct {
 const redis3Name = "caddy-redis3"
 
 // startRedis3 starts redis-server in a folder under parent, then the three Caddys on it.
-func startRedis3(bin, parent string, up *caddyrun.Upstream, h3 bool) (*redis3Target, error) {
-	rs, err := redisrun.Start(filepath.Join(parent, fmt.Sprintf("redis-%s", rand.Text()[:8])))
+func startRedis3(bin, parent string, up *caddyrun.Upstream, h3 bool, appendfsync string) (*redis3Target, error) {
+	rs, err := redisrun.Start(filepath.Join(parent, fmt.Sprintf("redis-%s", rand.Text()[:8])), appendfsync)
 	if err != nil {
 		return nil, err
 	}

@@ -1,8 +1,8 @@
 // Package redisrun starts Debian's redis-server for the benchmark harnesses (tests/bench,
 // tests/latency) as a child process (tests/internal/child, so it goes with the harness): on a
 // free loopback port, its data in a folder of its own, the append-only file fsynced on every
-// write (appendfsync always, so a 202 or a 204 means what it means with the bbolt file: on
-// disk). Tests use store/redisstore/redistest instead, which ties the server to a testing.TB.
+// write by default (appendfsync always, so a 202 or a 204 means what it means with the bbolt
+// file: on disk; everysec on request, to measure what that fsync costs). Tests use store/redisstore/redistest instead, which ties the server to a testing.TB.
 package redisrun
 
 import (
@@ -31,8 +31,16 @@ type Server struct {
 }
 
 // Start starts redis-server with its data in dir (created if missing) and returns once it
-// answers PING.
-func Start(dir string) (*Server, error) {
+// answers PING. appendfsync is Redis's setting of that name: "always" (also for ""),
+// "everysec" or "no".
+func Start(dir, appendfsync string) (*Server, error) {
+	switch appendfsync {
+	case "":
+		appendfsync = "always"
+	case "always", "everysec", "no":
+	default:
+		return nil, fmt.Errorf("redisrun: appendfsync %q: want always, everysec or no", appendfsync)
+	}
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
 		return nil, ErrNoServer
@@ -46,7 +54,7 @@ func Start(dir string) (*Server, error) {
 	}
 	port := strconv.Itoa(ports[0])
 	p, err := child.Start("redis", bin, []string{"--port", port, "--bind", "127.0.0.1", "--dir", dir,
-		"--appendonly", "yes", "--appendfsync", "always", "--save", "", "--maxmemory-policy", "noeviction"},
+		"--appendonly", "yes", "--appendfsync", appendfsync, "--save", "", "--maxmemory-policy", "noeviction"},
 		os.Environ(), dir, io.Discard, os.Stderr, nil)
 	if err != nil {
 		return nil, err
