@@ -60,6 +60,7 @@ func (s *redisStore) Create(ctx context.Context, spec store.NewJob) (*store.Job,
 			return nil, false, s.fail(err)
 		}
 		if existing == "" {
+			s.recent.put(j)
 			return store.Clone(j), true, nil
 		}
 		prev, err := s.Get(ctx, existing)
@@ -102,14 +103,24 @@ type finishing struct {
 }
 
 // change is the one path by which an existing job changes: read, mutate a copy, store it if
-// nobody changed the job meanwhile, else start again.
+// nobody changed the job meanwhile, else start again. The read is skipped while this instance
+// holds the version it wrote last (see recent); any outcome but a stored change then drops
+// that version and starts again from a read.
 func (s *redisStore) change(ctx context.Context, id string, mutate func(prev, j *store.Job) error, fin *finishing) (*store.Job, bool, error) {
 	for range maxAttempts {
-		prev, err := s.Get(ctx, id)
-		if err != nil {
-			return nil, false, err
+		prev, guessed := s.recent.get(id), true
+		if prev == nil {
+			var err error
+			if prev, err = s.Get(ctx, id); err != nil {
+				return nil, false, err
+			}
+			guessed = false
 		}
 		v, err := s.versions.Next(prev, mutate, time.Now().UTC())
+		if err != nil && guessed {
+			s.recent.drop(id)
+			continue
+		}
 		if errors.Is(err, store.ErrNoChange) {
 			return prev, false, nil
 		}
@@ -133,10 +144,18 @@ func (s *redisStore) change(ctx context.Context, id string, mutate func(prev, j 
 			member(j), hex.EncodeToString(j.OwnerHash), string(prev.State), string(j.State), terminal,
 			s.opts.Retain.Milliseconds(), expires, s.opts.MaxEventsPerJob, idemHex(j), head, spool, s.inst).Int()
 		if err != nil {
+			s.recent.drop(id)
 			return nil, false, s.fail(err)
+		}
+		if r != 1 {
+			s.recent.drop(id)
+			if guessed {
+				continue // as if the guess had not been there
+			}
 		}
 		switch r {
 		case 1:
+			s.recent.put(j)
 			s.tail.offer(v.Event)
 			return store.Clone(j), true, nil
 		case -1:
@@ -191,6 +210,7 @@ func (s *redisStore) Delete(ctx context.Context, id string) error {
 	if err != nil {
 		return s.fail(err)
 	}
+	s.recent.drop(id)
 	if n == 0 {
 		return store.ErrNotFound
 	}

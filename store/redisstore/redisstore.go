@@ -96,6 +96,7 @@ type redisStore struct {
 	opts     store.Options
 	lease    time.Duration
 	versions *store.Versions
+	recent   *recent // the versions this instance wrote last, to skip reading them back
 	secret   []byte
 	inst     string
 	feed     *store.Feed
@@ -134,7 +135,7 @@ func Open(ctx context.Context, url string, opts Options) (store.Store, error) {
 	}
 	s := &redisStore{
 		rdb: redis.NewClient(ro), addr: ro.Addr, prefix: opts.Prefix, lease: opts.LeaseTime,
-		inst: randomHex(8),
+		inst: randomHex(8), recent: newRecent(),
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if err := s.init(ctx); err != nil {

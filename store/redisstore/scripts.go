@@ -21,15 +21,21 @@ local function tellOwner(P, inst, writer, id)
 end
 -- announce names, on the changes stream that every instance's reader follows, a job whose
 -- stream got an entry: seq, or 'x' for a tombstone. n numbers the entries one by one, so that a
--- reader can tell that entries it had not read yet were trimmed. The stream keeps about the
--- newest 100,000 (some 55 bytes each in Redis, 5.5 MB): a reader falls that far behind only
--- if it stops for 100 s at 1,000 events a second, and then it reads every stream it follows
--- again (one XRANGE per followed job), so a longer stream buys little. Both keys live a day
--- after the last event, like the control streams.
-local function announce(P, id, seq)
+-- reader can tell that entries it had not read yet were trimmed. An event whose document is
+-- at most 2,048 bytes (a progress report's, as a rule) rides along (kind k, document d): a
+-- reader that has published the seq before it publishes the event as it is, with no read of
+-- the job's stream. The stream keeps about the newest 20,000 entries (a progress document is
+-- some 600 bytes: 12 MB, 41 MB at most): a reader falls that far behind only if it stops for
+-- 20 s at 1,000 events a second, and then it reads every stream it follows again (one XRANGE
+-- per followed job). Both keys live a day after the last event, like the control streams.
+local function announce(P, id, seq, kind, doc)
 	local ch = P .. 'changes'
 	local n = redis.call('INCR', ch .. ':n')
-	redis.call('XADD', ch, 'MAXLEN', '~', 100000, '*', 'j', id, 's', seq, 'n', n)
+	if doc and #doc <= 2048 then
+		redis.call('XADD', ch, 'MAXLEN', '~', 20000, '*', 'j', id, 's', seq, 'n', n, 'k', kind, 'd', doc)
+	else
+		redis.call('XADD', ch, 'MAXLEN', '~', 20000, '*', 'j', id, 's', seq, 'n', n)
+	end
 	redis.call('PEXPIRE', ch, 86400000)
 	redis.call('PEXPIRE', ch .. ':n', 86400000)
 end
@@ -90,7 +96,7 @@ local new = tostring(tonumber(seq) + 1)
 local ev = P .. 'ev:' .. id
 redis.call('HSET', job, 'rec', ARGV[4], 'seq', new)
 redis.call('XADD', ev, 'MAXLEN', ARGV[14], new .. '-0', 'k', ARGV[5], 'd', ARGV[6])
-announce(P, id, new)
+announce(P, id, new, ARGV[5], ARGV[6])
 if ARGV[9] ~= ARGV[10] then
 	local own = P .. 'own:' .. ARGV[8]
 	redis.call('ZREM', own .. ':' .. ARGV[9], ARGV[7])

@@ -31,11 +31,12 @@ const (
 const pruneEvery = time.Second
 
 // tailer is the store's one reader: it follows, on one connection, the changes stream, where
-// every event appended to a job's stream is announced (job id and seq, see announce in
-// scripts.go), and this instance's control stream. For each announcement of a job that local
-// subscribers or waiters watch, with a seq past what it published, it reads the job's stream
-// from its cursor (XRANGE, pipelined over the jobs of one batch) and publishes the events to
-// the local feed in seq order. Its cost follows the events written, not the number of jobs
+// every event appended to a job's stream is announced (job id and seq, and the event itself
+// when it is small; see announce in scripts.go), and this instance's control stream. An
+// announcement of a job that local subscribers or waiters watch that carries the very next
+// seq is published to the local feed as it is; for any other with a seq past what it
+// published, it reads the job's stream from its cursor (XRANGE, pipelined over the jobs of one
+// batch) and publishes the events in seq order. Its cost follows the events written, not the number of jobs
 // followed: XREAD names two keys however many jobs the instance follows.
 //
 // The announcements are numbered (field n), and the stream is capped (MAXLEN ~): a reader
@@ -334,11 +335,17 @@ func (t *tailer) announced(msgs []redis.XMessage) (jobs []string, gap bool, err 
 		if !ok {
 			continue
 		}
-		if s, err := strconv.ParseUint(seq, 10, 64); err == nil && s <= cur {
+		s, err := strconv.ParseUint(seq, 10, 64)
+		if err == nil && s <= cur {
 			continue // published already (this instance wrote it, say)
 		}
 		if !t.s.feed.Watched(id) {
 			delete(t.cursors, id)
+			continue
+		}
+		if ev, ok := carried(id, s, m); ok && s == cur+1 {
+			t.cursors[id] = s
+			t.s.feed.Publish(ev)
 			continue
 		}
 		jobs = append(jobs, id)
@@ -347,6 +354,19 @@ func (t *tailer) announced(msgs []redis.XMessage) (jobs []string, gap bool, err 
 		return nil, true, nil
 	}
 	return dedup(jobs), false, nil
+}
+
+// carried is the event an announcement of job id at seq carries, if it carries one.
+func carried(id string, seq uint64, m redis.XMessage) (store.Event, bool) {
+	data, ok := m.Values["d"].(string)
+	if !ok {
+		return store.Event{}, false
+	}
+	switch kind := store.EventKind(field(m, "k")); kind {
+	case store.KindProgress, store.KindDone:
+		return store.Event{JobID: id, Seq: seq, Kind: kind, Data: []byte(data)}, true
+	}
+	return store.Event{}, false
 }
 
 // dedup drops repeated ids (a batch announces a busy job several times), keeping the order.

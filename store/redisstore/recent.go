@@ -1,0 +1,69 @@
+package redisstore
+
+import (
+	"sync"
+	"time"
+
+	"github.com/caddy-progress/progress/store"
+)
+
+// recentFor is how long a version stays in the recent set after this instance last wrote it:
+// one set is retired, and the one before it forgotten, every recentFor, so a version lasts
+// between one and two of them.
+const recentFor = 30 * time.Second
+
+// recentMax bounds the versions one set holds; past it new versions are not kept (their jobs
+// are read from Redis before their next change, as without the set).
+const recentMax = 100_000
+
+// recent holds the newest version of the running jobs this instance wrote, so that the next
+// change of such a job (a progress report, usually several a second) makes one round trip to
+// Redis, the update script, instead of two. It is only a guess: the script stores a change
+// only if the job is still at the seq the guess has, and every other outcome (another instance
+// wrote the job meanwhile, the job is gone, the change was refused) reads the job from Redis
+// and starts again, as if the guess had not been there.
+type recent struct {
+	mu      sync.Mutex
+	now     map[string]*store.Job
+	before  map[string]*store.Job
+	retired time.Time // when before was made from now
+}
+
+func newRecent() *recent {
+	return &recent{now: make(map[string]*store.Job), before: make(map[string]*store.Job), retired: time.Now()}
+}
+
+// get returns the version of job id this instance wrote last, or nil. The caller must not
+// change it.
+func (r *recent) get(id string) *store.Job {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if j, ok := r.now[id]; ok {
+		return j
+	}
+	return r.before[id]
+}
+
+// put keeps j, which this instance just stored, as its job's newest version: until the job
+// ends, or until nobody here has written it for a while. j must not change afterwards.
+func (r *recent) put(j *store.Job) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if t := time.Now(); t.Sub(r.retired) >= recentFor {
+		r.before, r.now, r.retired = r.now, make(map[string]*store.Job), t
+	}
+	delete(r.before, j.ID)
+	if j.State.Terminal() || len(r.now) >= recentMax {
+		delete(r.now, j.ID)
+		return
+	}
+	r.now[j.ID] = j
+}
+
+// drop forgets job id's version.
+func (r *recent) drop(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.now, id)
+	delete(r.before, id)
+}

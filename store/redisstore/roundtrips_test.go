@@ -1,0 +1,201 @@
+package redisstore
+
+import (
+	"context"
+	"encoding/json"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/caddy-progress/progress/store"
+	"github.com/caddy-progress/progress/store/redisstore/redistest"
+)
+
+// commandCounter counts, by name, the commands a client sends.
+type commandCounter struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func countCommands(c *redis.Client) *commandCounter {
+	cc := &commandCounter{n: make(map[string]int)}
+	c.AddHook(cc)
+	return cc
+}
+
+func (c *commandCounter) add(cmds ...redis.Cmder) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, cmd := range cmds {
+		c.n[cmd.Name()]++
+	}
+}
+
+func (c *commandCounter) count(names ...string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, name := range names {
+		n += c.n[name]
+	}
+	return n
+}
+
+func (c *commandCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (c *commandCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		c.add(cmd)
+		return next(ctx, cmd)
+	}
+}
+
+func (c *commandCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		c.add(cmds...)
+		return next(ctx, cmds)
+	}
+}
+
+// serverCalls is how many times Redis ran a command since its statistics were last reset
+// (INFO commandstats), whoever sent it.
+func serverCalls(t *testing.T, c *redis.Client, command string) int {
+	t.Helper()
+	info, err := c.Info(context.Background(), "commandstats").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.SplitSeq(info, "\n") {
+		rest, ok := strings.CutPrefix(strings.TrimSpace(line), "cmdstat_"+command+":calls=")
+		if !ok {
+			continue
+		}
+		calls, _, _ := strings.Cut(rest, ",")
+		n, err := strconv.Atoi(calls)
+		if err != nil {
+			t.Fatalf("commandstats line %q", line)
+		}
+		return n
+	}
+	return 0
+}
+
+// TestOwnVersionSkipsTheRead: an instance that wrote a job last changes it again with one
+// script call and no read; a change another instance made meanwhile is kept, not overwritten
+// by a change made from the stale version.
+func TestOwnVersionSkipsTheRead(t *testing.T) {
+	srv := redistest.Start(t)
+	prefix := freshPrefix()
+	a, b := openTest(t, srv, prefix, Options{}), openTest(t, srv, prefix, Options{})
+	ctx := context.Background()
+	j, _, err := a.Create(ctx, store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	onA := countCommands(a.rdb)
+	setMessage := func(m string) func(*store.Job) error {
+		return func(j *store.Job) error {
+			if j.Progress == nil {
+				j.Progress = &store.Progress{}
+			}
+			j.Progress.Message = m
+			return nil
+		}
+	}
+	for i := range 5 {
+		if _, err := a.Update(ctx, j.ID, setMessage(strconv.Itoa(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if reads, scripts := onA.count("hget"), onA.count("evalsha"); reads != 0 || scripts != 5 {
+		t.Fatalf("5 updates by the instance that made the job: %d reads and %d script calls, want 0 and 5", reads, scripts)
+	}
+	if _, err := b.Update(ctx, j.ID, func(j *store.Job) error { j.Progress.Stage = "by b"; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	got, err := a.Update(ctx, j.ID, setMessage("last"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Seq != 8 || got.Progress.Stage != "by b" || got.Progress.Message != "last" {
+		t.Fatalf("after b's change, a's update gave seq %d, progress %+v; want seq 8, stage \"by b\", message \"last\"", got.Seq, got.Progress)
+	}
+	if reads := onA.count("hget"); reads != 1 {
+		t.Fatalf("a read the job %d times after b changed it, want once", reads)
+	}
+	evs, err := b.Events(ctx, j.ID, 0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, ev := range evs {
+		if ev.Seq != uint64(i+1) {
+			t.Fatalf("events %d: seq %d, want %d", i, ev.Seq, i+1)
+		}
+	}
+	if len(evs) != 8 {
+		t.Fatalf("%d events, want 8", len(evs))
+	}
+}
+
+// TestAnnouncementCarriesTheEvent: an instance following a job that another instance writes
+// publishes small events from their announcements, reading the job's stream only for an event
+// too large to ride along; its subscriber sees every event in order either way.
+func TestAnnouncementCarriesTheEvent(t *testing.T) {
+	srv := redistest.Start(t)
+	prefix := freshPrefix()
+	a, b := openTest(t, srv, prefix, Options{}), openTest(t, srv, prefix, Options{})
+	ctx := context.Background()
+	waitFor(t, "b's reader connected", 10*time.Second, func() bool { return b.tail.resyncs.Load() >= 1 })
+	j, _, err := a.Create(ctx, store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sub, err := b.Subscribe(ctx, j.ID, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	// Caught up: the subscription reads the stored log once, finds nothing after seq 1, and
+	// from then on takes its events from what the reader publishes.
+	if ev, ok, err := sub.Poll(ctx); ok || err != nil {
+		t.Fatalf("a job with one event, followed from seq 1: %+v %v %v", ev, ok, err)
+	}
+	if err := a.rdb.ConfigResetStat(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	large, err := json.Marshal(strings.Repeat("x", 3000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	next, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for seq := uint64(2); seq <= 9; seq++ {
+		var data json.RawMessage
+		if seq == 6 {
+			data = large
+		}
+		if _, err := a.Update(ctx, j.ID, func(j *store.Job) error {
+			j.Progress = &store.Progress{Message: strconv.FormatUint(seq, 10), Data: data}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		// One event at a time, so that the reader reads each announcement in a batch of its
+		// own: one stream read per event if the events did not ride along.
+		ev, err := sub.Next(next)
+		if err != nil || ev.Seq != seq {
+			t.Fatalf("event %+v %v, want seq %d", ev, err, seq)
+		}
+		var doc store.Job
+		if err := json.Unmarshal(ev.Data, &doc); err != nil || doc.Progress == nil || doc.Progress.Message != strconv.FormatUint(seq, 10) || (seq == 6) != (len(doc.Progress.Data) > 2048) {
+			t.Fatalf("event %d: %v, document %s", seq, err, ev.Data)
+		}
+	}
+	if n := serverCalls(t, a.rdb, "xrange"); n != 1 {
+		t.Fatalf("8 events, one of them too large to ride along: %d stream reads, want 1", n)
+	}
+}
