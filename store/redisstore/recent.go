@@ -12,9 +12,10 @@ import (
 // between one and two of them.
 const recentFor = 30 * time.Second
 
-// recentMax bounds the versions one set holds; past it new versions are not kept (their jobs
-// are read from Redis before their next change, as without the set).
-const recentMax = 100_000
+// recentMax bounds the versions one set holds (a version is about a kilobyte: two sets hold
+// some 40 MB at most); past it new versions are not kept, and their jobs are read from Redis
+// before their next change, as without the set.
+const recentMax = 20_000
 
 // recent holds the newest version of the running jobs this instance wrote, so that the next
 // change of such a job (a progress report, usually several a second) makes one round trip to
@@ -53,7 +54,8 @@ func (r *recent) put(j *store.Job) {
 		r.before, r.now, r.retired = r.now, make(map[string]*store.Job), t
 	}
 	delete(r.before, j.ID)
-	if j.State.Terminal() || len(r.now) >= recentMax {
+	_, held := r.now[j.ID]
+	if j.State.Terminal() || (!held && len(r.now) >= recentMax) {
 		delete(r.now, j.ID)
 		return
 	}
