@@ -509,6 +509,11 @@ func printProfile(root, caddyBin, self, path string) {
 		return
 	}
 	for _, extra := range [][]string{{"-nodecount=35"}, {"-cum", "-nodecount=60"}} {
+		if profileAllocs && bin == caddyBin {
+			// A delta heap profile shows in-use space by default; -allocs asks what was
+			// allocated over the window.
+			extra = append([]string{"-sample_index=alloc_space"}, extra...)
+		}
 		args := append([]string{"tool", "pprof", "-top"}, extra...)
 		args = append(args, bin, path)
 		cmd := exec.Command("go", args...)
