@@ -53,14 +53,15 @@ func (s *redisStore) Create(ctx context.Context, spec store.NewJob) (*store.Job,
 			return nil, false, err
 		}
 		j := v.Job
+		mark := s.writeMark()
 		existing, err := createScript.Run(writeCtx(ctx), s.rdb, nil,
 			s.prefix, j.ID, v.Record, string(v.Event.Kind), v.Event.Data, member(j), s.inst,
-			idemHex(j), string(j.State), hex.EncodeToString(j.OwnerHash)).Text()
+			idemHex(j), string(j.State), hex.EncodeToString(j.OwnerHash), mark).Text()
 		if err != nil {
 			return nil, false, s.fail(err)
 		}
 		if existing == "" {
-			s.recent.put(j)
+			s.recent.put(j, mark)
 			return store.Clone(j), true, nil
 		}
 		prev, err := s.Get(ctx, existing)
@@ -108,13 +109,13 @@ type finishing struct {
 // that version and starts again from a read.
 func (s *redisStore) change(ctx context.Context, id string, mutate func(prev, j *store.Job) error, fin *finishing) (*store.Job, bool, error) {
 	for range maxAttempts {
-		prev, guessed := s.recent.get(id), true
-		if prev == nil {
+		prev, expectMark := s.recent.get(id)
+		guessed := prev != nil
+		if !guessed {
 			var err error
 			if prev, err = s.Get(ctx, id); err != nil {
 				return nil, false, err
 			}
-			guessed = false
 		}
 		v, err := s.versions.Next(prev, mutate, time.Now().UTC())
 		if err != nil && guessed {
@@ -139,10 +140,12 @@ func (s *redisStore) change(ctx context.Context, id string, mutate func(prev, j 
 		if j.ExpiresAt != nil {
 			expires = j.ExpiresAt.UnixMilli()
 		}
+		mark := s.writeMark()
 		r, err := updateScript.Run(writeCtx(ctx), s.rdb, nil,
 			s.prefix, id, strconv.FormatUint(prev.Seq, 10), v.Record, string(v.Event.Kind), v.Event.Data,
 			member(j), hex.EncodeToString(j.OwnerHash), string(prev.State), string(j.State), terminal,
-			s.opts.Retain.Milliseconds(), expires, s.opts.MaxEventsPerJob, idemHex(j), head, spool, s.inst).Int()
+			s.opts.Retain.Milliseconds(), expires, s.opts.MaxEventsPerJob, idemHex(j), head, spool, s.inst,
+			expectMark, mark).Int()
 		if err != nil {
 			s.recent.drop(id)
 			return nil, false, s.fail(err)
@@ -155,7 +158,7 @@ func (s *redisStore) change(ctx context.Context, id string, mutate func(prev, j 
 		}
 		switch r {
 		case 1:
-			s.recent.put(j)
+			s.recent.put(j, mark)
 			s.tail.offer(v.Event)
 			return store.Clone(j), true, nil
 		case -1:

@@ -20,38 +20,46 @@ const recentMax = 20_000
 // recent holds the newest version of the running jobs this instance wrote, so that the next
 // change of such a job (a progress report, usually several a second) makes one round trip to
 // Redis, the update script, instead of two. It is only a guess: the script stores a change
-// only if the job is still at the seq the guess has, and every other outcome (another instance
-// wrote the job meanwhile, the job is gone, the change was refused) reads the job from Redis
-// and starts again, as if the guess had not been there.
+// only if the job is still at the seq and write mark the guess has, and every other outcome
+// (another instance wrote the job meanwhile, the job is gone, the change was refused) reads
+// the job from Redis and starts again, as if the guess had not been there.
 type recent struct {
 	mu      sync.Mutex
-	now     map[string]*store.Job
-	before  map[string]*store.Job
+	now     map[string]version
+	before  map[string]version
 	retired time.Time // when before was made from now
 }
 
-func newRecent() *recent {
-	return &recent{now: make(map[string]*store.Job), before: make(map[string]*store.Job), retired: time.Now()}
+// version is a job as this instance stored it, and the write mark it stored it with.
+type version struct {
+	job  *store.Job
+	mark string
 }
 
-// get returns the version of job id this instance wrote last, or nil. The caller must not
-// change it.
-func (r *recent) get(id string) *store.Job {
+func newRecent() *recent {
+	return &recent{now: make(map[string]version), before: make(map[string]version), retired: time.Now()}
+}
+
+// get returns the version of job id this instance wrote last and its write mark, or nil. The
+// caller must not change the job.
+func (r *recent) get(id string) (*store.Job, string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if j, ok := r.now[id]; ok {
-		return j
+	v, ok := r.now[id]
+	if !ok {
+		v = r.before[id]
 	}
-	return r.before[id]
+	return v.job, v.mark
 }
 
-// put keeps j, which this instance just stored, as its job's newest version: until the job
-// ends, or until nobody here has written it for a while. j must not change afterwards.
-func (r *recent) put(j *store.Job) {
+// put keeps j, which this instance just stored with write mark `mark`, as its job's newest
+// version: until the job ends, or until nobody here has written it for a while. j must not
+// change afterwards.
+func (r *recent) put(j *store.Job, mark string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if t := time.Now(); t.Sub(r.retired) >= recentFor {
-		r.before, r.now, r.retired = r.now, make(map[string]*store.Job), t
+		r.before, r.now, r.retired = r.now, make(map[string]version), t
 	}
 	delete(r.before, j.ID)
 	_, held := r.now[j.ID]
@@ -59,7 +67,7 @@ func (r *recent) put(j *store.Job) {
 		delete(r.now, j.ID)
 		return
 	}
-	r.now[j.ID] = j
+	r.now[j.ID] = version{job: j, mark: mark}
 }
 
 // drop forgets job id's version.

@@ -55,6 +55,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -97,6 +98,7 @@ type redisStore struct {
 	lease    time.Duration
 	versions *store.Versions
 	recent   *recent // the versions this instance wrote last, to skip reading them back
+	writes   atomic.Uint64
 	secret   []byte
 	inst     string
 	feed     *store.Feed
@@ -186,6 +188,11 @@ func (s *redisStore) key(parts ...string) string {
 		k += p
 	}
 	return k
+}
+
+// writeMark names one write of this instance (see updateScript).
+func (s *redisStore) writeMark() string {
+	return s.inst + "." + strconv.FormatUint(s.writes.Add(1), 36)
 }
 
 func randomHex(n int) string {

@@ -3,6 +3,7 @@ package redisstore
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"strconv"
 	"strings"
 	"sync"
@@ -197,5 +198,55 @@ func TestAnnouncementCarriesTheEvent(t *testing.T) {
 	}
 	if n := serverCalls(t, a.rdb, "xrange"); n != 1 {
 		t.Fatalf("8 events, one of them too large to ride along: %d stream reads, want 1", n)
+	}
+}
+
+// TestOwnVersionAfterRedisLostIt: Redis loses an instance's acknowledged write (a crash under
+// appendfsync everysec), and another instance stores a different version under the same seq.
+// The first instance's next change, made from the version it remembers, is refused by the
+// write mark and made again from what Redis holds: a canceled job stays canceled.
+func TestOwnVersionAfterRedisLostIt(t *testing.T) {
+	srv := redistest.Start(t)
+	prefix := freshPrefix()
+	a, b := openTest(t, srv, prefix, Options{}), openTest(t, srv, prefix, Options{})
+	ctx := context.Background()
+	j, _, err := a.Create(ctx, store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := a.key("job", j.ID)
+	saved, err := a.rdb.HGetAll(ctx, key).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	report := func(j *store.Job) error { j.Progress = &store.Progress{Message: "working"}; return nil }
+	if _, err := a.Update(ctx, j.ID, report); err != nil {
+		t.Fatal(err)
+	}
+	// Redis forgets that update: the job and its stream as they were before it.
+	if err := a.rdb.HSet(ctx, key, "rec", saved["rec"], "seq", saved["seq"], "w", saved["w"]).Err(); err != nil {
+		t.Fatal(err)
+	}
+	stream := a.key("ev", j.ID)
+	first, err := a.rdb.XRangeN(ctx, stream, "1-0", "1-0", 1).Result()
+	if err != nil || len(first) != 1 {
+		t.Fatalf("the job's first event: %v %v", first, err)
+	}
+	if err := a.rdb.Del(ctx, stream).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.rdb.XAdd(ctx, &redis.XAddArgs{Stream: stream, ID: "1-0", Values: first[0].Values}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	canceled, changed, err := b.Cancel(ctx, j.ID)
+	if err != nil || !changed || canceled.Seq != 2 {
+		t.Fatalf("cancel on b: %+v %v %v, want seq 2", canceled, changed, err)
+	}
+	if _, err := a.Update(ctx, j.ID, report); !errors.Is(err, store.ErrFinished) {
+		t.Fatalf("a's report on a job b canceled: %v, want ErrFinished", err)
+	}
+	got, err := b.Get(ctx, j.ID)
+	if err != nil || got.State != store.Canceled || got.Seq != 2 {
+		t.Fatalf("the job after a's report: %+v %v, want canceled at seq 2", got, err)
 	}
 }

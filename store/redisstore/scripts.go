@@ -53,8 +53,9 @@ end
 
 // createScript makes a job, or returns the id of the owner's job made with the same
 // Idempotency-Key. Its first event is not announced on the changes stream: an instance follows
-// a job only after reading it, so it never waits for that event. ARGV: prefix, id, record, event kind, document, listing member, instance,
-// idempotency index ("" for none), state, owner hash. Returns "" when it made the job.
+// a job only after reading it, so it never waits for that event. ARGV: prefix, id, record,
+// event kind, document, listing member, instance, idempotency index ("" for none), state,
+// owner hash, write mark (see updateScript). Returns "" when it made the job.
 var createScript = redis.NewScript(`
 local P, id, idem = ARGV[1], ARGV[2], ARGV[8]
 if idem ~= '' then
@@ -63,7 +64,7 @@ if idem ~= '' then
 end
 local job = P .. 'job:' .. id
 if redis.call('EXISTS', job) == 1 then return redis.error_reply('job id already in use') end
-redis.call('HSET', job, 'rec', ARGV[3], 'seq', '1', 'inst', ARGV[7])
+redis.call('HSET', job, 'rec', ARGV[3], 'seq', '1', 'inst', ARGV[7], 'w', ARGV[11])
 redis.call('XADD', P .. 'ev:' .. id, '1-0', 'k', ARGV[4], 'd', ARGV[5])
 if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, id) end
 local own = P .. 'own:' .. ARGV[10]
@@ -81,20 +82,26 @@ return ''
 // prefix, id, expected seq, record, event kind, document, listing member, owner hash, previous
 // state, new state, terminal ("1" or ""), retention in ms, expiry time in ms, events kept,
 // idempotency index, result head ("" for none), result spool key ("" for none), the writing
-// instance. Returns 1
-// when stored, 0 when another write came first, -1 when the job is gone, -2 when the spool
-// is gone.
+// instance, the expected write mark ("" for none), the new write mark. Returns 1 when stored,
+// 0 when another write came first, -1 when the job is gone, -2 when the spool is gone.
+//
+// A write mark names the write that made the stored version (instance and a counter). An
+// instance that changes a job from the version it wrote itself, without reading it (see
+// recent.go), expects its mark as well as the seq: after Redis lost acknowledged writes (a
+// crash under appendfsync everysec), another instance may have stored a different version
+// under the same seq.
 var updateScript = redis.NewScript(luaPrelude + `
 local P, id = ARGV[1], ARGV[2]
 local job = P .. 'job:' .. id
 local seq = redis.call('HGET', job, 'seq')
 if not seq then return -1 end
 if seq ~= ARGV[3] then return 0 end
+if ARGV[19] ~= '' and redis.call('HGET', job, 'w') ~= ARGV[19] then return 0 end
 local spool = ARGV[17]
 if spool ~= '' and redis.call('EXISTS', spool) == 0 then return -2 end
 local new = tostring(tonumber(seq) + 1)
 local ev = P .. 'ev:' .. id
-redis.call('HSET', job, 'rec', ARGV[4], 'seq', new)
+redis.call('HSET', job, 'rec', ARGV[4], 'seq', new, 'w', ARGV[20])
 redis.call('XADD', ev, 'MAXLEN', ARGV[14], new .. '-0', 'k', ARGV[5], 'd', ARGV[6])
 announce(P, id, new, ARGV[5], ARGV[6])
 if ARGV[9] ~= ARGV[10] then
