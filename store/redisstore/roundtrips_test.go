@@ -85,18 +85,26 @@ func serverCalls(t *testing.T, c *redis.Client, command string) int {
 	return 0
 }
 
+// twoInstancesAndAJob opens two instances on one new redis-server and makes a running job on
+// the first.
+func twoInstancesAndAJob(t *testing.T) (a, b *redisStore, j *store.Job) {
+	t.Helper()
+	srv := redistest.Start(t)
+	prefix := freshPrefix()
+	a, b = openTest(t, srv, prefix, Options{}), openTest(t, srv, prefix, Options{})
+	j, _, err := a.Create(context.Background(), store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a, b, j
+}
+
 // TestOwnVersionSkipsTheRead: an instance that wrote a job last changes it again with one
 // script call and no read; a change another instance made meanwhile is kept, not overwritten
 // by a change made from the stale version.
 func TestOwnVersionSkipsTheRead(t *testing.T) {
-	srv := redistest.Start(t)
-	prefix := freshPrefix()
-	a, b := openTest(t, srv, prefix, Options{}), openTest(t, srv, prefix, Options{})
+	a, b, j := twoInstancesAndAJob(t)
 	ctx := context.Background()
-	j, _, err := a.Create(ctx, store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
-	if err != nil {
-		t.Fatal(err)
-	}
 	onA := countCommands(a.rdb)
 	setMessage := func(m string) func(*store.Job) error {
 		return func(j *store.Job) error {
@@ -206,14 +214,8 @@ func TestAnnouncementCarriesTheEvent(t *testing.T) {
 // The first instance's next change, made from the version it remembers, is refused by the
 // write mark and made again from what Redis holds: a canceled job stays canceled.
 func TestOwnVersionAfterRedisLostIt(t *testing.T) {
-	srv := redistest.Start(t)
-	prefix := freshPrefix()
-	a, b := openTest(t, srv, prefix, Options{}), openTest(t, srv, prefix, Options{})
+	a, b, j := twoInstancesAndAJob(t)
 	ctx := context.Background()
-	j, _, err := a.Create(ctx, store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
-	if err != nil {
-		t.Fatal(err)
-	}
 	key := a.key("job", j.ID)
 	saved, err := a.rdb.HGetAll(ctx, key).Result()
 	if err != nil {
