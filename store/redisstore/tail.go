@@ -35,9 +35,9 @@ const pruneEvery = time.Second
 // when it is small; see announce in scripts.go), and this instance's control stream. An
 // announcement of a job that local subscribers or waiters watch that carries the very next
 // seq is published to the local feed as it is; for any other with a seq past what it
-// published, it reads the job's stream from its cursor (XRANGE, pipelined over the jobs of one
-// batch) and publishes the events in seq order. Its cost follows the events written, not the number of jobs
-// followed: XREAD names two keys however many jobs the instance follows.
+// published, it reads the job's stream from its cursor (XRANGE, pipelined over the jobs of
+// one batch) and publishes the events in seq order. Its cost follows the events written, not
+// the number of jobs followed: XREAD names two keys however many jobs the instance follows.
 //
 // The announcements are numbered (field n), and the stream is capped (MAXLEN ~): a reader
 // that finds a number missing, because it fell further behind than the cap or the stream
@@ -315,9 +315,10 @@ func (t *tailer) read(conn *redis.Conn) error {
 	}
 }
 
-// announced reads a batch of the changes stream: the followed jobs whose streams have events
-// past their cursors (or a tombstone), and whether entries went unread before or within the
-// batch.
+// announced reads a batch of the changes stream. It publishes the events the announcements
+// carry that are the next of their followed jobs, and returns the followed jobs whose streams
+// must be read for events past their cursors (or a tombstone), and whether entries went
+// unread before or within the batch.
 func (t *tailer) announced(msgs []redis.XMessage) (jobs []string, gap bool, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
