@@ -50,6 +50,16 @@ func openTest(t *testing.T, srv *redistest.Server, prefix string, opts Options) 
 	return s.(*redisStore)
 }
 
+// runningJob makes a running job on s.
+func runningJob(t *testing.T, s *redisStore) *store.Job {
+	t.Helper()
+	j, _, err := s.Create(context.Background(), store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return j
+}
+
 // crash stops an instance as a killed process would: its loops stop, its connections go, and
 // its lease stays in Redis until it lapses.
 func (s *redisStore) crash() { s.shutdown(false) }
@@ -152,10 +162,7 @@ func TestUnavailable(t *testing.T) {
 	srv := redistest.Start(t)
 	s := openTest(t, srv, freshPrefix(), Options{})
 	ctx := context.Background()
-	job, _, err := s.Create(ctx, store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	job := runningJob(t, s)
 	if _, err := s.Update(ctx, job.ID, func(j *store.Job) error { j.Progress = &store.Progress{Stage: "one"}; return nil }); err != nil {
 		t.Fatal(err)
 	}
@@ -202,10 +209,7 @@ func TestRestartKeepsAcknowledged(t *testing.T) {
 	ctx := context.Background()
 	var ids []string
 	for i := range 20 {
-		j, _, err := s.Create(ctx, store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
-		if err != nil {
-			t.Fatal(err)
-		}
+		j := runningJob(t, s)
 		for k := range i % 5 {
 			if _, err := s.Update(ctx, j.ID, func(j *store.Job) error { j.Progress = &store.Progress{Stage: fmt.Sprint(k)}; return nil }); err != nil {
 				t.Fatal(err)
@@ -317,13 +321,7 @@ func TestEndedElsewhere(t *testing.T) {
 	heard := make(chan string, 10)
 	a.OnEndedElsewhere(func(id string) { heard <- id })
 	ctx := context.Background()
-	newJob := func() string {
-		j, _, err := a.Create(ctx, store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return j.ID
-	}
+	newJob := func() string { return runningJob(t, a).ID }
 	own, canceled, deleted := newJob(), newJob(), newJob()
 	if _, _, err := a.Cancel(ctx, own); err != nil {
 		t.Fatal(err)
@@ -361,10 +359,7 @@ func TestAnnouncedAcrossInstances(t *testing.T) {
 	var ids []string
 	var subs []store.Subscription
 	for range jobs {
-		j, _, err := a.Create(ctx, store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
-		if err != nil {
-			t.Fatal(err)
-		}
+		j := runningJob(t, a)
 		ids = append(ids, j.ID)
 		for _, s := range []*redisStore{b, c} {
 			sub, err := s.Subscribe(ctx, j.ID, 1)
@@ -417,13 +412,7 @@ func TestFallBehindResyncs(t *testing.T) {
 	prefix := freshPrefix()
 	a, b := openTest(t, srv, prefix, Options{}), openTest(t, srv, prefix, Options{})
 	ctx := context.Background()
-	newJob := func() string {
-		j, _, err := a.Create(ctx, store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return j.ID
-	}
+	newJob := func() string { return runningJob(t, a).ID }
 	update := func(id, stage string) {
 		t.Helper()
 		if _, err := a.Update(ctx, id, func(j *store.Job) error { j.Progress = &store.Progress{Stage: stage}; return nil }); err != nil {

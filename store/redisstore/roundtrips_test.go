@@ -92,11 +92,7 @@ func twoInstancesAndAJob(t *testing.T) (a, b *redisStore, j *store.Job) {
 	srv := redistest.Start(t)
 	prefix := freshPrefix()
 	a, b = openTest(t, srv, prefix, Options{}), openTest(t, srv, prefix, Options{})
-	j, _, err := a.Create(context.Background(), store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return a, b, j
+	return a, b, runningJob(t, a)
 }
 
 // TestOwnVersionSkipsTheRead: an instance that wrote a job last changes it again with one
@@ -159,10 +155,7 @@ func TestAnnouncementCarriesTheEvent(t *testing.T) {
 	a, b := openTest(t, srv, prefix, Options{}), openTest(t, srv, prefix, Options{})
 	ctx := context.Background()
 	waitFor(t, "b's reader connected", 10*time.Second, func() bool { return b.tail.resyncs.Load() >= 1 })
-	j, _, err := a.Create(ctx, store.NewJob{Request: store.RequestInfo{Method: "POST", URI: "/a"}, Running: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	j := runningJob(t, a)
 	sub, err := b.Subscribe(ctx, j.ID, 1)
 	if err != nil {
 		t.Fatal(err)
