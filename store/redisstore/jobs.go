@@ -321,6 +321,13 @@ func eventOf(id string, m redis.XMessage) (ev store.Event, ok bool, err error) {
 	if err != nil {
 		return ev, false, fmt.Errorf("store: event of job %s with entry id %q", id, m.ID)
 	}
+	return eventFields(id, seq, m)
+}
+
+// eventFields is the event of job id at seq held in an entry's fields k (kind) and d
+// (document), as a job's stream and an announcement carrying the event hold them; ok false for
+// a tombstone.
+func eventFields(id string, seq uint64, m redis.XMessage) (ev store.Event, ok bool, err error) {
 	kind, _ := m.Values["k"].(string)
 	data, _ := m.Values["d"].(string)
 	switch store.EventKind(kind) {

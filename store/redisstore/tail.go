@@ -357,17 +357,14 @@ func (t *tailer) announced(msgs []redis.XMessage) (jobs []string, gap bool, err 
 	return dedup(jobs), false, nil
 }
 
-// carried is the event an announcement of job id at seq carries, if it carries one.
+// carried is the event an announcement of job id at seq carries, if it carries one (any
+// other announcement has its job's stream read).
 func carried(id string, seq uint64, m redis.XMessage) (store.Event, bool) {
-	data, ok := m.Values["d"].(string)
-	if !ok {
+	if _, ok := m.Values["d"]; !ok {
 		return store.Event{}, false
 	}
-	switch kind := store.EventKind(field(m, "k")); kind {
-	case store.KindProgress, store.KindDone:
-		return store.Event{JobID: id, Seq: seq, Kind: kind, Data: []byte(data)}, true
-	}
-	return store.Event{}, false
+	ev, ok, err := eventFields(id, seq, m)
+	return ev, ok && err == nil
 }
 
 // dedup drops repeated ids (a batch announces a busy job several times), keeping the order.
