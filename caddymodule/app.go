@@ -18,6 +18,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
 	"go.uber.org/zap"
 
 	"github.com/caddy-progress/progress/engine"
@@ -63,6 +64,14 @@ type App struct {
 	MaxDataSize int `json:"max_data_size,omitempty"`
 	// EventsPerJob is how many events per job are kept for Last-Event-ID replay. Default 1000.
 	EventsPerJob int `json:"events_per_job,omitempty"`
+	// JournalSize, with a file store, is the size of each of the two journal files beside it,
+	// which take the progress reports of running jobs with one write and one fdatasync each.
+	// Default 16 MiB, at least 1 MiB; -1 turns the journal off (every report is then a
+	// commit of the store file).
+	JournalSize int64 `json:"journal_size,omitempty"`
+	// CheckpointInterval, with a file store, is how often the journal's reports are copied
+	// into the store file. Default 1s.
+	CheckpointInterval caddy.Duration `json:"checkpoint_interval,omitempty"`
 	// CallbackSecret is the secret upstream callback tokens derive from (at least 32
 	// characters; placeholders such as {env.PROGRESS_SECRET} are expanded). Default: a random
 	// secret made once and kept in the store, which is all one instance needs.
@@ -129,6 +138,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 	redisURL := isRedisURL(location)
 	switch {
 	case redisURL:
+		if a.JournalSize != 0 || a.CheckpointInterval != 0 {
+			return errors.New("progress: journal and checkpoint_interval apply to a store file, not to Redis")
+		}
 		a.path = location
 	default:
 		if location == "" {
@@ -144,6 +156,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		Retain: time.Duration(a.Retain), OpenTimeout: time.Duration(a.OpenTimeout),
 		MaxResultSize: a.MaxResultSize, MaxEventSize: a.MaxEventSize, MaxDataSize: a.MaxDataSize,
 		MaxEventsPerJob: a.EventsPerJob,
+		JournalSize:     a.JournalSize, CheckpointInterval: time.Duration(a.CheckpointInterval),
 	}
 	var secret []byte
 	if a.CallbackSecret != "" {
@@ -222,7 +235,10 @@ func (a *App) Validate() error {
 	if !strings.HasPrefix(a.JobsPath, "/") || strings.HasSuffix(a.JobsPath, "/") || strings.ContainsAny(a.JobsPath, "*?#") {
 		return fmt.Errorf("progress: jobs_path %q must start with / and not end with one, as in /_jobs", a.JobsPath)
 	}
-	for name, d := range map[string]caddy.Duration{"lease_time": a.LeaseTime, "retain": a.Retain, "max_wait": a.MaxWait, "heartbeat": a.Heartbeat, "write_timeout": a.WriteTimeout, "open_timeout": a.OpenTimeout} {
+	if a.JournalSize < -1 || (a.JournalSize > 0 && a.JournalSize < store.MinJournalSize) {
+		return fmt.Errorf("progress: journal must be at least %s, or off", humanize.IBytes(store.MinJournalSize))
+	}
+	for name, d := range map[string]caddy.Duration{"checkpoint_interval": a.CheckpointInterval, "lease_time": a.LeaseTime, "retain": a.Retain, "max_wait": a.MaxWait, "heartbeat": a.Heartbeat, "write_timeout": a.WriteTimeout, "open_timeout": a.OpenTimeout} {
 		if d < 0 {
 			return fmt.Errorf("progress: %s must not be negative", name)
 		}

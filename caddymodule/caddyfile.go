@@ -36,6 +36,8 @@ func init() {
 //		max_event_size  <size>
 //		max_data_size   <size>
 //		events_per_job  <count>
+//		journal         <size>|off
+//		checkpoint_interval <duration>
 //		callback_secret <secret>
 //		max_callback_size <size>
 //		metrics         on|off
@@ -81,6 +83,10 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = oneIntSize(d, &a.MaxDataSize)
 		case "events_per_job":
 			err = oneInt(d, &a.EventsPerJob)
+		case "journal":
+			err = journalSize(d, &a.JournalSize)
+		case "checkpoint_interval":
+			err = oneDuration(d, &a.CheckpointInterval)
 		case "callback_secret":
 			err = oneString(d, &a.CallbackSecret)
 		case "max_callback_size":
@@ -273,6 +279,18 @@ func oneSize(d *caddyfile.Dispenser, dst *int64) error {
 	}
 	*dst = int64(v)
 	return nil
+}
+
+// journalSize reads `journal <size>|off`; off is -1.
+func journalSize(d *caddyfile.Dispenser, dst *int64) error {
+	if d.CountRemainingArgs() == 1 && d.NextArg() {
+		if d.Val() == "off" {
+			*dst = -1
+			return nil
+		}
+		d.Prev()
+	}
+	return oneSize(d, dst)
 }
 
 func oneIntSize(d *caddyfile.Dispenser, dst *int) error {

@@ -43,6 +43,13 @@ type boltStore struct {
 	live       *live
 	commits    *committer
 
+	// journal takes progress reports of running jobs (nil when JournalSize < 0); see
+	// journal.go.
+	journal         *journal
+	journalCommits  *committer
+	stopCheckpoints chan struct{}
+	checkpointing   sync.WaitGroup
+
 	stopSweep chan struct{}
 	sweeping  sync.WaitGroup
 	closeOnce sync.Once
@@ -78,14 +85,22 @@ func openBolt(path string, opts Options) (*boltStore, error) {
 	s := &boltStore{
 		db: db, path: abs, resultsDir: abs + ".results", opts: opts,
 		feed: newFeed(opts.LiveEvents), live: newLive(), stopSweep: make(chan struct{}),
+		stopCheckpoints: make(chan struct{}),
 	}
 	if err := s.init(); err != nil {
+		if s.journal != nil {
+			s.journal.closeFiles()
+		}
 		db.Close()
 		return nil, err
 	}
-	s.commits = newCommitter(db, opts.MaxBatch, opts.ObserveCommit)
+	s.commits = newCommitter(opts.MaxBatch, boltCommits{db, opts.ObserveCommit}.commit)
 	s.sweeping.Add(1)
 	go s.sweepLoop()
+	if s.journal != nil {
+		s.checkpointing.Add(1)
+		go s.checkpointLoop()
+	}
 	return s, nil
 }
 
@@ -118,6 +133,9 @@ func (s *boltStore) init() error {
 		return fmt.Errorf("store: %w", err)
 	}
 	if err := s.settleResultFiles(); err != nil {
+		return err
+	}
+	if err := s.openJournal(); err != nil {
 		return err
 	}
 	return s.recoverInterrupted()
@@ -213,21 +231,26 @@ func (s *boltStore) Close() error {
 	s.closeOnce.Do(func() {
 		close(s.stopSweep)
 		s.sweeping.Wait()
+		err = s.closeJournal()
 		s.commits.close()
 		s.live.close()
 		s.feed.close()
-		err = s.db.Close()
+		err = errors.Join(err, s.db.Close())
 	})
 	return err
 }
 
-// SizeBytes is the database file's size plus the result bodies kept in files beside it.
+// SizeBytes is the database file's size plus the journal and the result bodies kept in files
+// beside it.
 func (s *boltStore) SizeBytes() (int64, error) {
 	info, err := os.Stat(s.path)
 	if err != nil {
 		return 0, err
 	}
 	total := info.Size()
+	if s.journal != nil {
+		total += 2 * s.journal.size
+	}
 	entries, err := os.ReadDir(s.resultsDir)
 	if err != nil {
 		return total, err

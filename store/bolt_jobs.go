@@ -304,7 +304,7 @@ func (s *boltStore) Create(ctx context.Context, spec NewJob) (*Job, bool, error)
 		if err != nil {
 			return nil, false, err
 		}
-		return existing, false, nil
+		return s.newest(existing), false, nil
 	}
 	if j.State.Terminal() {
 		s.live.remove(c.id, lj)
@@ -322,13 +322,17 @@ func (s *boltStore) Get(ctx context.Context, id string) (*Job, error) {
 	if j := s.live.committed(rid); j != nil {
 		return j.clone(), nil
 	}
+	pend := s.journal.pendingOf(rid) // before the read: see journal.go
 	var j *Job
 	err := s.view(func(tx *bolt.Tx) error {
 		var err error
 		j, err = s.loadJob(tx, rid)
 		return err
 	})
-	return j, err
+	if err != nil {
+		return nil, err
+	}
+	return newestOf(j, pend), nil
 }
 
 // change runs a read-modify-write of one job as a group-committed write: mutate sees the
@@ -413,15 +417,6 @@ func (s *boltStore) changeLive(rid rawID, lj *liveJob, mutate func(prev, j *Job)
 	if err != nil {
 		return nil, false, err
 	}
-	apply := func(tx *bolt.Tx) error {
-		if err := s.put(tx, c); err != nil {
-			return err
-		}
-		if extra != nil {
-			return extra(tx)
-		}
-		return nil
-	}
 	published := func() {
 		if !j.State.Terminal() {
 			lj.committed.Store(j)
@@ -435,7 +430,26 @@ func (s *boltStore) changeLive(rid rawID, lj *liveJob, mutate func(prev, j *Job)
 	// the event log can see it before it is published, and must not then read the version
 	// before it from memory.
 	lj.committed.Store(nil)
-	if err := s.commits.do(apply, published); err != nil {
+	if s.journal.takes(prev, j, extra) {
+		err = s.journalCommits.wait(&op{change: c, published: published, result: make(chan error, 1)})
+	} else {
+		// The job's journaled changes that bbolt may not have yet go first, so that its
+		// event log has no gap.
+		earlier := entriesOf(s.journal.pendingOf(rid))
+		err = s.commits.do(func(tx *bolt.Tx) error {
+			if err := s.applyJournaled(tx, earlier); err != nil {
+				return err
+			}
+			if err := s.put(tx, c); err != nil {
+				return err
+			}
+			if extra != nil {
+				return extra(tx)
+			}
+			return nil
+		}, published)
+	}
+	if err != nil {
 		lj.committed.Store(prev)
 		return nil, false, err
 	}
@@ -658,7 +672,23 @@ func (s *boltStore) List(ctx context.Context, q ListQuery) (ListPage, error) {
 		}
 		return s.listAll(tx, q.State, cursor, limit, &page)
 	})
+	for i, j := range page.Jobs {
+		page.Jobs[i] = s.newest(j)
+	}
 	return page, err
+}
+
+// newest returns the newest version of a job read from bbolt, which may be older than the
+// one in memory (a running job whose progress is in the journal).
+func (s *boltStore) newest(j *Job) *Job {
+	if j.State != Running {
+		return j // the journal only holds progress of running jobs
+	}
+	rid, _ := parseID(j.ID)
+	if live := s.live.committed(rid); live != nil && live.Seq > j.Seq {
+		return live.clone()
+	}
+	return newestOf(j, s.journal.pendingOf(rid))
 }
 
 // listOwner walks the owner index newest first; cursor is the created‖id suffix of the last
@@ -736,13 +766,17 @@ func (s *boltStore) Events(ctx context.Context, id string, after uint64, limit i
 	if !ok {
 		return nil, ErrNotFound
 	}
+	pend := s.journal.pendingOf(rid) // before the read: see journal.go
 	var evs []Event
 	err := s.view(func(tx *bolt.Tx) error {
 		var err error
 		evs, err = s.readEvents(tx, rid, id, after, limit)
 		return err
 	})
-	return evs, err
+	if err != nil {
+		return nil, err
+	}
+	return withPending(evs, pend, after, limit, s.opts.MaxEventsPerJob), nil
 }
 
 // readEvents reads up to limit events after seq `after` with one cursor seek. The documents are
@@ -842,13 +876,17 @@ func (s *boltStore) Wait(ctx context.Context, id string, after uint64) (Event, e
 		return (&Feed{s.feed}).Wait(ctx, &Topic{t}, after)
 	}
 	var current Event
+	pend := s.journal.pendingOf(rid) // before the read: see journal.go
 	err = s.view(func(tx *bolt.Tx) error {
 		j, err := s.loadJob(tx, rid)
-		if err != nil || j.Seq <= after {
+		if err != nil {
 			return err
 		}
+		if j = newestOf(j, pend); j.Seq <= after {
+			return nil
+		}
 		evs, err := s.readEvents(tx, rid, id, j.Seq-1, 1)
-		if err == nil && len(evs) == 1 {
+		if evs = withPending(evs, pend, j.Seq-1, 1, s.opts.MaxEventsPerJob); err == nil && len(evs) == 1 {
 			current = evs[0]
 		}
 		return err

@@ -8,35 +8,38 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// committer is the store's group commit. bbolt allows one writer at a time and every commit
-// costs two fsyncs, so writes queue here and are committed, as soon as the previous commit
-// ends, everything that queued meanwhile in one transaction. A lone writer waits for one
-// commit, not for a batch timer (bbolt's db.Batch waits up to 10 ms to fill a batch); many
-// writers share each commit, so throughput grows with concurrency.
+// committer is a group commit. bbolt allows one writer at a time and every commit costs two
+// fsyncs (a journal write, one), so writes queue here and, as soon as the previous flush ends,
+// everything that queued meanwhile is made durable at once. A lone writer waits for one flush, not
+// for a batch timer (bbolt's db.Batch waits up to 10 ms to fill a batch); many writers share
+// each flush, so throughput grows with concurrency. The store runs two: one for bbolt
+// transactions and one for the journal (journal.go).
 //
-// There is no commit goroutine: a writer that finds no commit in flight leads, committing the
+// There is no commit goroutine: a writer that finds no flush in flight leads, flushing the
 // queue on its own goroutine, and when it is done hands the lead to the first writer that
 // queued meanwhile. A write that does not overlap another then costs no hand-off between
 // goroutines (each is a wake-up that waits for a CPU, which on a busy machine is where a
-// write's latency tail comes from), and a leader never waits for a commit after its own.
+// write's latency tail comes from), and a leader never waits for a flush after its own.
 type committer struct {
-	db       *bolt.DB
 	maxBatch int
-	observe  func(took time.Duration, writes int) // nil: nobody is measuring
+	// flush makes a batch durable, then runs each op's published and answers it, in order.
+	flush func(batch []*op)
 
 	mu      sync.Mutex
 	idle    sync.Cond // signalled when a leader stops with nothing queued
 	closed  bool
-	leading bool  // a writer is committing, or has been handed the lead
-	queue   []*op // writes waiting for the next commit, in arrival order
+	leading bool  // a writer is flushing, or has been handed the lead
+	queue   []*op // writes waiting for the next flush, in arrival order
 }
 
-// op is one write. apply runs inside the shared transaction and may run more than once (when
-// another op in its batch fails, the batch is retried without it), so it must only set what it
-// captures. published runs after the commit, in commit order, before the writer is answered:
-// the place to hand committed events to subscribers.
+// op is one write: a bbolt change (apply) or a journal record (change). apply runs inside the
+// shared transaction and may run more than once (when another op in its batch fails, the
+// batch is retried without it), so it must only set what it captures. published runs after
+// the write is durable, in commit order, before the writer is answered: the place to hand
+// committed events to subscribers.
 type op struct {
 	apply     func(tx *bolt.Tx) error
+	change    *change
 	published func()
 	result    chan error // the write's outcome, or errLead first
 }
@@ -44,16 +47,20 @@ type op struct {
 // errLead, sent to a waiting writer, hands it the lead.
 var errLead = errors.New("store: lead the next commit")
 
-func newCommitter(db *bolt.DB, maxBatch int, observe func(time.Duration, int)) *committer {
-	c := &committer{db: db, maxBatch: maxBatch, observe: observe}
+func newCommitter(maxBatch int, flush func(batch []*op)) *committer {
+	c := &committer{maxBatch: maxBatch, flush: flush}
 	c.idle.L = &c.mu
 	return c
 }
 
-// do queues a write and waits until it is durable (or has failed). It does not give up when a
-// context ends: a caller must learn whether its write happened.
+// do queues a bbolt write and waits until it is durable (or has failed). It does not give up
+// when a context ends: a caller must learn whether its write happened.
 func (c *committer) do(apply func(tx *bolt.Tx) error, published func()) error {
-	o := &op{apply: apply, published: published, result: make(chan error, 1)}
+	return c.wait(&op{apply: apply, published: published, result: make(chan error, 1)})
+}
+
+// wait queues o and waits for its outcome.
+func (c *committer) wait(o *op) error {
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
@@ -83,7 +90,9 @@ func (c *committer) lead() {
 	c.queue = append([]*op(nil), c.queue[n:]...)
 	c.mu.Unlock()
 
-	c.commit(batch)
+	if len(batch) > 0 {
+		c.flush(batch)
+	}
 
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -105,10 +114,16 @@ func (c *committer) close() {
 	}
 }
 
+// boltCommits is the flush of the bbolt committer.
+type boltCommits struct {
+	db      *bolt.DB
+	observe func(took time.Duration, writes int) // nil: nobody is measuring
+}
+
 // commit runs a batch in one transaction. If one op fails, the ops before it are committed
 // together, the failing one alone (so it gets its own error against the same state), and the
 // ops after it together: the order of writes is kept.
-func (c *committer) commit(batch []*op) {
+func (c boltCommits) commit(batch []*op) {
 	if len(batch) == 0 {
 		return
 	}

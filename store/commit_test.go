@@ -26,7 +26,7 @@ func openCommitter(t *testing.T, maxBatch int) (*committer, *bolt.DB) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	return newCommitter(db, maxBatch, nil), db
+	return newCommitter(maxBatch, boltCommits{db: db}.commit), db
 }
 
 // TestCommitterConcurrentWriters: writers on many goroutines, some of whose writes fail, each

@@ -20,6 +20,10 @@
 // between them (group commit). Events are published to subscribers after their commit, so no
 // subscriber ever sees a change that a crash could take back.
 //
+// Progress of a running job, the most frequent change, is made durable in a journal beside the
+// file instead (journal.go): one write and one fdatasync per group of reports, copied into
+// bbolt about once a second and replayed by Open.
+//
 // # Live feed
 //
 // Subscriptions replay the stored log after a given seq and then follow the live tail with no
@@ -41,6 +45,9 @@
 //	idem     owner hash ‖ key hash → id     Idempotency-Key look-up
 //	results  id → result head (status, headers, size, small bodies inline)
 //	meta     "secret" → 32 random bytes
+//
+// The journal is two files beside the database, "<file>.journal.0" and ".1", of JournalSize
+// each (see journal.go and record.go for their records).
 //
 // Result bodies above the inline limit live in files beside the database, in the folder
 // "<file>.results", each under a name of its own ("<id>-<random>"), fsynced before the commit

@@ -1,12 +1,14 @@
 package store
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"net/http"
 	"time"
 )
@@ -266,4 +268,137 @@ func decodeResult(v []byte) (resultHead, []byte, error) {
 		return h, nil, fmt.Errorf("store: result record with status %d size %d and %d inline bytes", h.Status, h.Size, len(body))
 	}
 	return h, body, nil
+}
+
+// A journal record (journal.go) is one progress change of a running job:
+//
+//	length  uint32   of the payload
+//	crc     uint32   CRC-32C of epoch ‖ payload
+//	epoch   uint64   of the journal file's current use
+//	payload          id (24 bytes) ‖ seq (8) ‖ uvarint length of the job record ‖ job record ‖ event
+//
+// A scan of a file stops at the first record that does not check: zeros past the end, a torn
+// write, or a record of an earlier use of the file (another epoch).
+const journalHeaderLen = 4 + 4 + 8
+
+var journalCRC = crc32.MakeTable(crc32.Castagnoli)
+
+// journalEntry is a decoded journal record; rec and ev alias the buffer it was read from.
+type journalEntry struct {
+	id  rawID
+	seq uint64
+	rec []byte // the job record
+	ev  []byte // the stored event
+}
+
+// appendJournalRecord appends the record of one change to buf.
+func appendJournalRecord(buf []byte, epoch uint64, id rawID, seq uint64, rec, ev []byte) []byte {
+	start := len(buf)
+	buf = append(buf, make([]byte, journalHeaderLen)...)
+	binary.BigEndian.PutUint64(buf[start+8:], epoch)
+	buf = append(buf, id[:]...)
+	buf = binary.BigEndian.AppendUint64(buf, seq)
+	buf = binary.AppendUvarint(buf, uint64(len(rec)))
+	buf = append(buf, rec...)
+	buf = append(buf, ev...)
+	binary.BigEndian.PutUint32(buf[start:], uint32(len(buf)-start-journalHeaderLen))
+	binary.BigEndian.PutUint32(buf[start+4:], crc32.Checksum(buf[start+8:], journalCRC))
+	return buf
+}
+
+// decodeJournal reads the records at the start of a journal file that belong to the epoch of
+// the first one. Whatever follows the first record that does not check is ignored; a record
+// that checks but does not decode is an error, as it cannot come from a torn write.
+func decodeJournal(data []byte) (epoch uint64, entries []journalEntry, err error) {
+	for off := 0; len(data)-off >= journalHeaderLen; {
+		n := int(binary.BigEndian.Uint32(data[off:]))
+		sum := binary.BigEndian.Uint32(data[off+4:])
+		e := binary.BigEndian.Uint64(data[off+8:])
+		if n == 0 || n > len(data)-off-journalHeaderLen {
+			break
+		}
+		body := data[off+8 : off+journalHeaderLen+n]
+		if crc32.Checksum(body, journalCRC) != sum || (len(entries) > 0 && e != epoch) {
+			break
+		}
+		entry, err := decodeJournalPayload(body[8:])
+		if err != nil {
+			return 0, nil, fmt.Errorf("store: journal record at offset %d: %w", off, err)
+		}
+		epoch = e
+		entries = append(entries, entry)
+		off += journalHeaderLen + n
+	}
+	return epoch, entries, nil
+}
+
+func decodeJournalPayload(p []byte) (journalEntry, error) {
+	var e journalEntry
+	if len(p) < idLen+seqLen {
+		return e, errors.New("short record")
+	}
+	copy(e.id[:], p)
+	e.seq = binary.BigEndian.Uint64(p[idLen:])
+	p = p[idLen+seqLen:]
+	n, w := binary.Uvarint(p)
+	if w <= 0 || n > uint64(len(p)-w) {
+		return e, errors.New("malformed job record length")
+	}
+	e.rec, e.ev = p[w:w+int(n)], p[w+int(n):]
+	j, err := decodeJob(e.rec)
+	if err != nil {
+		return e, err
+	}
+	if j.ID != idEncoding.EncodeToString(e.id[:]) || j.Seq != e.seq {
+		return e, fmt.Errorf("job record of %s seq %d filed under %s seq %d", j.ID, j.Seq, idEncoding.EncodeToString(e.id[:]), e.seq)
+	}
+	if _, _, err := decodeEvent(e.ev); err != nil {
+		return e, err
+	}
+	return e, nil
+}
+
+// journalRecordLen is the length of the journal record of a change.
+func journalRecordLen(rec, ev []byte) int {
+	return journalHeaderLen + idLen + seqLen + uvarintLen(uint64(len(rec))) + len(rec) + len(ev)
+}
+
+func uvarintLen(x uint64) int {
+	n := 1
+	for ; x >= 0x80; x >>= 7 {
+		n++
+	}
+	return n
+}
+
+// recordSeq reads the seq of a job record the store wrote without decoding it: encodeJob
+// splices the document, which begins {"id":…,"state":…,"seq":…, after the private fields,
+// whose strings cannot hold `"doc":{` unescaped. ok is false for anything else; the caller
+// then decodes the record.
+func recordSeq(rec []byte) (seq uint64, ok bool) {
+	const docStart = `"doc":{"id":"`
+	i := bytes.Index(rec, []byte(docStart))
+	if i < 0 {
+		return 0, false
+	}
+	rest := rec[i+len(docStart):]
+	const stateKey = `","state":"`
+	if len(rest) < idTextLen+len(stateKey) || !bytes.HasPrefix(rest[idTextLen:], []byte(stateKey)) {
+		return 0, false
+	}
+	rest = rest[idTextLen+len(stateKey):]
+	end := bytes.IndexByte(rest, '"')
+	const seqKey = `","seq":`
+	if end < 0 || !bytes.HasPrefix(rest[end:], []byte(seqKey)) {
+		return 0, false
+	}
+	rest = rest[end+len(seqKey):]
+	n := 0
+	for ; n < len(rest) && n < 20 && '0' <= rest[n] && rest[n] <= '9'; n++ {
+		seq = seq*10 + uint64(rest[n]-'0')
+	}
+	if n == 0 || n == 20 || n == len(rest) || rest[n] != ',' {
+		return 0, false
+	}
+	return seq, true
 }

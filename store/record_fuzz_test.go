@@ -175,6 +175,12 @@ func FuzzDecodeJob(f *testing.F) {
 		}
 		fuzzCheckJob(t, j)
 		rec := fuzzEncodeJob(t, j)
+		if seq, ok := recordSeq(rec); !ok || seq != j.Seq {
+			t.Fatalf("recordSeq of a record encodeJob wrote: %d %v, want %d", seq, ok, j.Seq)
+		}
+		if seq, ok := recordSeq(v); ok && seq != j.Seq {
+			t.Logf("recordSeq %d of a record decodeJob reads as seq %d (not one the store writes)", seq, j.Seq)
+		}
 		j2, err := decodeJob(rec)
 		if err != nil {
 			t.Fatalf("re-encoded record %s does not decode: %v", rec, err)
@@ -378,6 +384,45 @@ func FuzzParseID(f *testing.F) {
 		text := idEncoding.EncodeToString(other[:])
 		if back, ok := parseID(text); !ok || back != other {
 			t.Fatalf("id %x: %q parses to %x, %v", other, text, back, ok)
+		}
+	})
+}
+
+func FuzzDecodeJournal(f *testing.F) {
+	id, _ := fuzzID()
+	j := fuzzJob()
+	doc, _ := json.Marshal(j)
+	rec, err := encodeJob(j, doc)
+	if err != nil {
+		f.Fatal(err)
+	}
+	ev := encodeEvent(KindProgress, doc)
+	one := appendJournalRecord(nil, 3, id, j.Seq, rec, ev)
+	two := appendJournalRecord(append([]byte(nil), one...), 3, id, j.Seq, rec, ev)
+	f.Add(one)
+	f.Add(two)
+	f.Add(append(append([]byte(nil), one...), make([]byte, 64)...))                // zeros after the end
+	f.Add(appendJournalRecord(append([]byte(nil), one...), 2, id, j.Seq, rec, ev)) // an older use
+	f.Add(two[:len(two)-5])                                                        // a torn write
+	f.Add(appendJournalRecord(nil, 3, id, j.Seq+1, rec, ev))                       // filed under another seq
+	f.Fuzz(func(t *testing.T, data []byte) {
+		epoch, entries, err := decodeJournal(data)
+		if err != nil {
+			if entries != nil {
+				t.Fatalf("entries and an error: %v", err)
+			}
+			return
+		}
+		var again []byte
+		for _, e := range entries {
+			got, err := decodeJob(e.rec)
+			if err != nil || got.Seq != e.seq || got.ID != idEncoding.EncodeToString(e.id[:]) {
+				t.Fatalf("accepted entry %s seq %d with record %v %v", idEncoding.EncodeToString(e.id[:]), e.seq, got, err)
+			}
+			again = appendJournalRecord(again, epoch, e.id, e.seq, e.rec, e.ev)
+		}
+		if !bytes.HasPrefix(data, again) {
+			t.Fatal("re-encoded records differ from what was decoded")
 		}
 	})
 }

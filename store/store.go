@@ -212,6 +212,14 @@ type Options struct {
 	LiveEvents int
 	// MaxBatch bounds how many writes share one commit. Default 1024.
 	MaxBatch int
+	// JournalSize is the size of each of the two journal files beside the store file, which
+	// take the progress reports of running jobs (see journal.go). Default 16 MiB; at least
+	// 1 MiB and 4 × MaxEventSize. Below 0, there is no journal: every report is a bbolt
+	// commit.
+	JournalSize int64
+	// CheckpointInterval is how often the journal's changes are copied into the store file.
+	// Default 1s.
+	CheckpointInterval time.Duration
 	// ObserveCommit, when set, is told how long each commit took (the transaction with its
 	// fsyncs) and how many writes it carried, for metrics. It runs on the commit goroutine,
 	// so it must be quick.
@@ -262,6 +270,15 @@ func (o Options) withDefaults() Options {
 	}
 	if o.MaxBatch <= 0 {
 		o.MaxBatch = DefaultMaxBatch
+	}
+	if o.JournalSize == 0 {
+		o.JournalSize = DefaultJournalSize
+	}
+	if o.JournalSize > 0 {
+		o.JournalSize = max(o.JournalSize, MinJournalSize, 4*int64(o.MaxEventSize))
+	}
+	if o.CheckpointInterval <= 0 {
+		o.CheckpointInterval = DefaultCheckpointInterval
 	}
 	return o
 }

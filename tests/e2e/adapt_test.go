@@ -131,6 +131,8 @@ func TestAdaptErrors(t *testing.T) {
 			[]string{"soon", "Caddyfile:3"}},
 		{"bad size", "{\n\tprogress {\n\t\tmax_result_size lots\n\t}\n}\n:8080 {\n\tprogress_api\n}\n",
 			[]string{`"lots" is not a size`, "Caddyfile:3"}},
+		{"bad journal size", "{\n\tprogress {\n\t\tjournal big\n\t}\n}\n:8080 {\n\tprogress_api\n}\n",
+			[]string{`"big" is not a size`, "Caddyfile:3"}},
 		{"negative count", ":8080 {\n\tprogress {\n\t\tconcurrency -1\n\t}\n\treverse_proxy 127.0.0.1:9000\n}\n",
 			[]string{`"-1" is not a whole number`}},
 		{"zero estimate interval", ":8080 {\n\tprogress {\n\t\testimate 0s\n\t}\n\treverse_proxy 127.0.0.1:9000\n}\n",

@@ -184,7 +184,7 @@ func openGate(t *testing.T, name string) {
 // report posts one progress report for job id, as the upstream would.
 func (cl *client) report(t *testing.T, id, token string, current int) *reply {
 	t.Helper()
-	body := fmt.Appendf(nil, `{"current": %d, "total": 1000, "message": "step %d"}`, current, current)
+	body := fmt.Appendf(nil, `{"current": %d, "total": 100000, "message": "step %d"}`, current, current)
 	return cl.do(t, http.MethodPost, "/_jobs/"+id+"/progress", body,
 		"Authorization", "Bearer "+token, "Content-Type", "application/json")
 }
@@ -232,7 +232,10 @@ func TestStorageDiskFull(t *testing.T) {
 	signer := upstreamhook.NewSigner([]byte(secret))
 	c := newCaddyOn(t, filepath.Join(disk, "progress.db"),
 		[]string{"recording the end of a job"},
-		"callback_secret "+secret)
+		"callback_secret "+secret,
+		// Two journal files of 1 MiB, made in full at the start, take progress reports
+		// while the disk is full until both are full and no checkpoint can empty them.
+		"journal 1MiB")
 	c.start()
 	cl := c.newClient(t, "h2")
 
@@ -333,12 +336,15 @@ func TestStorageDiskFull(t *testing.T) {
 		wantProblem(t, r, http.StatusServiceUnavailable)
 	}
 
-	// Progress reports while the disk is full: 204 (durable) or a 503 problem.
+	// Progress reports while the disk is full: 204 (durable: in the journal, whose files
+	// were allocated at the start, or in bbolt's free pages) or a 503 problem once both
+	// journal files are full and no checkpoint can copy them into the full store file. A
+	// report's record here is under 1 KB: at most about 2,200 fit the two files.
 	var reportProblem problemDoc
 	reports204 := 0
 	for i := 2; ; i++ {
-		if i == 500 {
-			t.Fatalf("500 progress reports accepted on a full disk, none refused")
+		if i == 5000 {
+			t.Fatalf("5000 progress reports accepted on a full disk, none refused")
 		}
 		r := cl.report(t, reported, token, i)
 		if r.StatusCode == http.StatusNoContent {

@@ -3,6 +3,7 @@ package fanout
 import (
 	"context"
 	"errors"
+	"strings"
 
 	"github.com/caddy-progress/progress/tests/internal/caddyrun"
 )
@@ -38,12 +39,16 @@ const (
 
 // startCaddy starts Caddy with a fresh store (fsync on, as always) and GC tracing in its log;
 // with h3 its TLS site also serves HTTP/3; observe is one of the observe* settings.
+//
+// bin may carry lines for the global `progress` block after a semicolon (see -caddy-bin), so
+// that one run can compare settings of one binary.
 func startCaddy(bin, parent string, up *caddyrun.Upstream, h3 bool, observe string) (*caddyTarget, error) {
-	o := caddyrun.Options{Env: []string{"GODEBUG=gctrace=1"}, HTTP3: h3}
+	bin, progress, _ := strings.Cut(bin, ";")
+	o := caddyrun.Options{Env: []string{"GODEBUG=gctrace=1"}, HTTP3: h3, Progress: progress}
 	var sink *caddyrun.OTLPSink
 	switch observe {
 	case observeOff:
-		o.Progress = "metrics off"
+		o.Progress += "\nmetrics off"
 	case observeOn:
 		var err error
 		if sink, err = caddyrun.StartOTLPSink(); err != nil {

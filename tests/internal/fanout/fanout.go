@@ -102,7 +102,7 @@ func Main(args []string) int {
 	trace := fs.Bool("trace", false, "take a 3 s execution trace of Caddy in each window (admin /debug/pprof/trace) and print its syscall and scheduler-latency profiles")
 	harnessProfile := fs.Bool("harness-profile", false, "take a CPU profile of the harness itself over each window")
 	quietWait := fs.Duration("quiet-wait", 3*time.Minute, "how long in all to wait for a quiet machine")
-	caddyBins := fs.String("caddy-bin", "", "comma-separated prebuilt Caddy binaries to compare (each measured in turn, labelled caddy, caddy2, …) instead of building ./tests/caddy")
+	caddyBins := fs.String("caddy-bin", "", "comma-separated prebuilt Caddy binaries to compare (each measured in turn, labelled caddy, caddy2, …) instead of building ./tests/caddy; `path;option value` adds a line to the global progress block (e.g. `/tmp/caddy;checkpoint_interval 5s`)")
 	keep := fs.Bool("keep", false, "keep the temporary folder (Caddyfiles, logs, stores, profiles)")
 	redisFsync := fs.String("redis-appendfsync", "always", "caddy-redis3: redis-server's appendfsync (always, everysec or no)")
 	protos := fs.String("protos", "h2", "comma-separated subscriber protocols: h2, h3 (h3: Caddy only; the hub serves HTTP/2)")
@@ -501,6 +501,7 @@ func printTable(all []*result) {
 }
 
 func printProfile(root, caddyBin, self, path string) {
+	caddyBin, _, _ = strings.Cut(caddyBin, ";")
 	bin := caddyBin
 	if strings.HasSuffix(path, "-harness.pprof") {
 		bin = self
@@ -531,6 +532,7 @@ func printProfile(root, caddyBin, self, path string) {
 // printTrace prints where the traced goroutines waited: in system calls (fdatasync among
 // them), for a CPU (scheduler latency), on synchronisation and on the network.
 func printTrace(root, caddyBin, path string) {
+	caddyBin, _, _ = strings.Cut(caddyBin, ";")
 	if _, err := os.Stat(path); err != nil {
 		return
 	}
