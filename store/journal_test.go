@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -297,4 +299,85 @@ func TestJournalTurnedOff(t *testing.T) {
 			t.Errorf("journal file %d is still there: %v", i, err)
 		}
 	}
+}
+
+// TestJournalReadersDuringCheckpoints: while writers report and checkpoints run every few
+// milliseconds, every read sees each job's log from seq 1 with no gap, and never a version
+// older than one already acknowledged.
+func TestJournalReadersDuringCheckpoints(t *testing.T) {
+	ctx := context.Background()
+	s := openJournalTest(t, filepath.Join(t.TempDir(), "progress.db"), Options{CheckpointInterval: 2 * time.Millisecond})
+	defer s.Close()
+	const jobs, reports, readers = 8, 150, 4
+	ids := make([]string, jobs)
+	acked := make([]atomic.Uint64, jobs) // the newest seq acknowledged to the writer
+	for i := range ids {
+		ids[i] = runningJob(t, s).ID
+		acked[i].Store(1)
+	}
+	var writers, reading sync.WaitGroup
+	done := make(chan struct{})
+	for i := range jobs {
+		writers.Go(func() {
+			for range reports {
+				j, err := s.Update(ctx, ids[i], func(j *Job) error {
+					j.Progress = &Progress{Message: "working"}
+					return nil
+				})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				acked[i].Store(j.Seq)
+			}
+		})
+	}
+	var reads atomic.Int64
+	for r := range readers {
+		reading.Go(func() {
+			for n := r; ; n++ {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				i := n % jobs
+				floor := acked[i].Load()
+				evs, err := s.Events(ctx, ids[i], 0, 10000)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				for k, ev := range evs {
+					if ev.Seq != uint64(k)+1 {
+						t.Errorf("job %d: event %d has seq %d (a gap)", i, k, ev.Seq)
+						return
+					}
+				}
+				if uint64(len(evs)) < floor {
+					t.Errorf("job %d: %d events read after seq %d was acknowledged", i, len(evs), floor)
+					return
+				}
+				j, err := s.Get(ctx, ids[i])
+				if err != nil || j.Seq < floor {
+					t.Errorf("job %d: Get %v %v after seq %d was acknowledged", i, j, err, floor)
+					return
+				}
+				reads.Add(1)
+			}
+		})
+	}
+	writers.Wait()
+	close(done)
+	reading.Wait()
+	if err := s.checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	for i, id := range ids {
+		if got := inFile(t, s, id).Seq; got != reports+1 {
+			t.Errorf("job %d: bbolt has seq %d after the last checkpoint, want %d", i, got, reports+1)
+		}
+		checkLog(t, s, id, reports+1, nil)
+	}
+	t.Logf("%d reads checked while %d reports were written", reads.Load(), jobs*reports)
 }
