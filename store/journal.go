@@ -514,18 +514,26 @@ func (s *boltStore) openJournal() error {
 	if err != nil {
 		return err
 	}
-	if len(entries) > 0 {
-		err = s.db.Update(func(tx *bolt.Tx) error { return s.applyJournaled(tx, entries) })
-	}
-	if err == nil {
+	if err = s.replayJournal(entries); err == nil {
 		err = j.reset(s.path)
 	}
 	if err != nil {
 		j.closeFiles()
-		return fmt.Errorf("store: replay the journal: %w", err)
+		return err
 	}
 	s.journal = j
 	s.journalCommits = newCommitter(s.opts.MaxBatch, j.write)
+	return nil
+}
+
+// replayJournal copies what Open found in the journal into bbolt, in one transaction.
+func (s *boltStore) replayJournal(entries []journalEntry) error {
+	if len(entries) == 0 {
+		return nil
+	}
+	if err := s.db.Update(func(tx *bolt.Tx) error { return s.applyJournaled(tx, entries) }); err != nil {
+		return fmt.Errorf("store: replay the journal: %w", err)
+	}
 	return nil
 }
 
@@ -536,10 +544,8 @@ func (s *boltStore) dropJournal() error {
 	if err != nil {
 		return err
 	}
-	if len(entries) > 0 {
-		if err := s.db.Update(func(tx *bolt.Tx) error { return s.applyJournaled(tx, entries) }); err != nil {
-			return fmt.Errorf("store: replay the journal: %w", err)
-		}
+	if err := s.replayJournal(entries); err != nil {
+		return err
 	}
 	for i := range 2 {
 		if err := os.Remove(journalPath(s.path, i)); err != nil && !errors.Is(err, os.ErrNotExist) {
