@@ -94,15 +94,20 @@ var appendBuckets = [][]byte{bucketEvents, bucketActive, bucketResults, bucketEx
 // appendFill is how full bbolt fills their pages when it splits a node.
 const appendFill = 0.9
 
-// put stores a prepared change inside tx: the record, its event, the compaction of the event
-// log, and the indexes. It may run more than once for one change (see op).
-func (s *boltStore) put(tx *bolt.Tx, c *change) error {
-	// These trees only grow at their right edge (keys lead with an id or a time), so bbolt's
-	// default half-full split only leaves half-empty pages behind to be written again. Not the
-	// jobs tree: Finish grows records that are still on recent pages.
+// fillAppendBuckets sets appendFill on the append buckets of tx: these trees only grow at
+// their right edge (keys lead with an id or a time), so bbolt's default half-full split only
+// leaves half-empty pages behind to be written again. Not the jobs tree: Finish grows records
+// that are still on recent pages. (bbolt keeps FillPercent per transaction's bucket handle.)
+func fillAppendBuckets(tx *bolt.Tx) {
 	for _, name := range appendBuckets {
 		tx.Bucket(name).FillPercent = appendFill
 	}
+}
+
+// put stores a prepared change inside tx: the record, its event, the compaction of the event
+// log, and the indexes. It may run more than once for one change (see op).
+func (s *boltStore) put(tx *bolt.Tx, c *change) error {
+	fillAppendBuckets(tx)
 	if err := tx.Bucket(bucketJobs).Put(c.id[:], c.rec); err != nil {
 		return err
 	}

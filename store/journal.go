@@ -450,8 +450,8 @@ func (s *boltStore) applyJournaled(tx *bolt.Tx, entries []journalEntry) error {
 	if len(entries) == 0 {
 		return nil
 	}
+	fillAppendBuckets(tx)
 	jobs, events := tx.Bucket(bucketJobs), tx.Bucket(bucketEvents)
-	events.FillPercent = appendFill
 	stored := make(map[rawID]uint64, len(entries)) // the seq bbolt has; MaxUint64: job gone
 	newest := make(map[rawID]int, len(entries))    // each job's last entry
 	for i := range entries {
