@@ -98,6 +98,7 @@ func Main(args []string) int {
 	window := fs.Duration("window", 20*time.Second, "the measured window")
 	streams := fs.Int("streams", 100, "SSE streams per HTTP/2 connection")
 	profile := fs.Bool("profile", false, "take a CPU profile of Caddy over each window (admin /debug/pprof/profile) and print its top")
+	fs.StringVar(&profileNode, "profile-node", "A", "caddy-redis3: the instance -profile and -trace look at: A (makes the jobs, watchers), B (watchers) or C (takes every callback, watchers)")
 	fs.BoolVar(&profileAllocs, "allocs", false, "with -profile: an allocation profile (admin /debug/pprof/allocs, what was allocated over the window) instead of a CPU profile")
 	trace := fs.Bool("trace", false, "take a 3 s execution trace of Caddy in each window (admin /debug/pprof/trace) and print its syscall and scheduler-latency profiles")
 	harnessProfile := fs.Bool("harness-profile", false, "take a CPU profile of the harness itself over each window")
@@ -107,6 +108,10 @@ func Main(args []string) int {
 	redisFsync := fs.String("redis-appendfsync", "always", "caddy-redis3: redis-server's appendfsync (always, everysec or no)")
 	protos := fs.String("protos", "h2", "comma-separated subscriber protocols: h2, h3 (h3: Caddy only; the hub serves HTTP/2)")
 	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if len(profileNode) != 1 || !strings.Contains("ABC", profileNode) {
+		fmt.Fprintf(os.Stderr, "latency: -profile-node %q: want A, B or C\n", profileNode)
 		return 2
 	}
 	var shs []shape

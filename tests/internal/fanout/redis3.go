@@ -90,14 +90,23 @@ func (t *redis3Target) makeJobs(ctx context.Context, n int) ([]job, error) {
 }
 
 func (t *redis3Target) profile(ctx context.Context, seconds int, path string) error {
+	n := t.profiled()
 	if profileAllocs {
-		return t.nodes[0].Allocs(ctx, seconds, path)
+		return n.Allocs(ctx, seconds, path)
 	}
-	return t.nodes[0].Profile(ctx, seconds, path)
+	return n.Profile(ctx, seconds, path)
+}
+
+// profileNode names the instance that -profile and -trace look at (-profile-node).
+var profileNode = "A"
+
+// profiled is the instance -profile-node names (Main has checked it is A, B or C).
+func (t *redis3Target) profiled() *caddyrun.Caddy {
+	return t.nodes[strings.Index("ABC", profileNode)]
 }
 
 func (t *redis3Target) trace(ctx context.Context, seconds int, path string) error {
-	return t.nodes[0].Trace(ctx, seconds, path)
+	return t.profiled().Trace(ctx, seconds, path)
 }
 
 // errorLines are the error lines of the three Caddys' logs, each prefixed with its instance.
