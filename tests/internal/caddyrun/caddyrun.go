@@ -151,6 +151,8 @@ func (u *Upstream) Close() {
 type Options struct {
 	// Progress is extra lines for the global `progress { … }` block (e.g. "heartbeat 2m").
 	Progress string
+	// Servers is extra lines for the global `servers { … }` block (e.g. Caddy's timeouts).
+	Servers string
 	// HTTP3 also serves the TLS site over HTTP/3 (UDP, same port).
 	HTTP3 bool
 	// Store is the store file; empty: progress.db in Caddy's folder.
@@ -235,6 +237,7 @@ func Prepare(bin, parent string, up *Upstream, o Options) (*Caddy, error) {
 	storage file_system %[2]s
 	servers {
 		protocols %[7]s
+%[10]s
 	}
 	progress {
 		store %[3]s
@@ -256,7 +259,7 @@ http://127.0.0.1:%[5]d {
 	bind 127.0.0.1%[9]s
 	progress_api
 }
-`, c.Admin, filepath.Join(dir, "storage"), storePath, c.TLSPort, c.CBPort, up.Addr(), protocols, o.Progress, tracing) + holdSite
+`, c.Admin, filepath.Join(dir, "storage"), storePath, c.TLSPort, c.CBPort, up.Addr(), protocols, o.Progress, tracing, o.Servers) + holdSite
 	if err := os.WriteFile(filepath.Join(dir, "Caddyfile"), []byte(c.Caddyfile), 0o600); err != nil {
 		return nil, err
 	}

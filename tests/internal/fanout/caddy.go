@@ -44,7 +44,7 @@ const (
 // that one run can compare settings of one binary.
 func startCaddy(bin, parent string, up *caddyrun.Upstream, h3 bool, observe string) (*caddyTarget, error) {
 	bin, progress, _ := strings.Cut(bin, ";")
-	o := caddyrun.Options{Env: []string{"GODEBUG=gctrace=1"}, HTTP3: h3, Progress: progress}
+	o := caddyrun.Options{Env: []string{"GODEBUG=gctrace=1"}, HTTP3: h3, Progress: progress, Servers: serverLines}
 	var sink *caddyrun.OTLPSink
 	switch observe {
 	case observeOff:
@@ -84,6 +84,9 @@ func (c *caddyTarget) profile(ctx context.Context, seconds int, path string) err
 	}
 	return c.Profile(ctx, seconds, path)
 }
+
+// serverLines are lines for the global `servers` block of every Caddy (-caddy-servers).
+var serverLines string
 
 // profileAllocs makes -profile take an allocation profile instead of a CPU profile (-allocs).
 var profileAllocs bool

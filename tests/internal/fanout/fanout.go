@@ -98,6 +98,10 @@ func Main(args []string) int {
 	window := fs.Duration("window", 20*time.Second, "the measured window")
 	streams := fs.Int("streams", 100, "SSE streams per HTTP/2 connection")
 	profile := fs.Bool("profile", false, "take a CPU profile of Caddy over each window (admin /debug/pprof/profile) and print its top")
+	fs.Func("caddy-servers", "lines for the global `servers` block of every Caddy, separated by semicolons (e.g. `timeouts {;write_idle -1s;}` turns off Caddy's write idle timeout)", func(v string) error {
+		serverLines = strings.ReplaceAll(v, ";", "\n")
+		return nil
+	})
 	fs.StringVar(&profileNode, "profile-node", "A", "caddy-redis3: the instance -profile and -trace look at: A (makes the jobs, watchers), B (watchers) or C (takes every callback, watchers)")
 	fs.BoolVar(&profileAllocs, "allocs", false, "with -profile: an allocation profile (admin /debug/pprof/allocs, what was allocated over the window) instead of a CPU profile")
 	trace := fs.Bool("trace", false, "take a 3 s execution trace of Caddy in each window (admin /debug/pprof/trace) and print its syscall and scheduler-latency profiles")
