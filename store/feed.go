@@ -164,6 +164,14 @@ func (t *topic) covers(after uint64) bool {
 	return len(evs) == 0 || evs[0].Seq <= after+1
 }
 
+// holdsAfter reports whether the topic holds the event right after seq `after`, or an older
+// one: its events are contiguous, and every later event is published to it, so a reader at
+// `after` has nothing to read from the stored log.
+func (t *topic) holdsAfter(after uint64) bool {
+	evs := t.snap.Load().events
+	return len(evs) > 0 && evs[0].Seq <= after+1
+}
+
 // next returns the event after seq `after` if the topic has it, else the newest event if that
 // is past `after` (the reader fell behind: progress is state, so it skips ahead). With nothing
 // newer it returns ok false: wait on the watcher's waker.
@@ -203,7 +211,8 @@ type loadFunc func(ctx context.Context, after uint64, limit int) ([]Event, error
 //
 // Seam: the topic is watched before the stored log is first read, so every event committed
 // after that read is also published to the ring; the subscription reads the log until the ring
-// covers what follows, then reads the ring. Events seen on both sides are dropped by seq.
+// covers what follows (it holds the next event, or the log has nothing more and the ring
+// nothing newer), then reads the ring. Events seen on both sides are dropped by seq.
 type subscription struct {
 	feed  *feed
 	topic *topic
@@ -261,6 +270,12 @@ func (s *subscription) Poll(ctx context.Context) (Event, bool, error) {
 			return s.deliver(ev), true, nil
 		}
 		if !s.live {
+			if s.topic.holdsAfter(s.last) {
+				// Everything after s.last is in the topic (or will be published to it): no
+				// need to read the stored log to learn that it has nothing more.
+				s.live = true
+				continue
+			}
 			evs, err := s.load(ctx, s.last, replayPage)
 			if err != nil {
 				return Event{}, false, err

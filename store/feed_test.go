@@ -38,6 +38,42 @@ func follow(t *testing.T, sub Subscription, timeout time.Duration) []uint64 {
 	}
 }
 
+// memLog is a job's stored log in memory, for driving a feed directly: load reads it as
+// Store.Events would and counts the reads; commit appends and publishes, as a store's commit
+// does.
+type memLog struct {
+	feed      *feed
+	events    []Event
+	reads     int
+	afterRead func(reads int) // called at the end of every read, with the count so far
+}
+
+func (l *memLog) event(seq uint64, kind EventKind) Event {
+	return Event{JobID: "job", Seq: seq, Kind: kind, Data: []byte("{}")}
+}
+
+// store appends an event committed before anyone watched: it is not published.
+func (l *memLog) store(seq uint64, kind EventKind) { l.events = append(l.events, l.event(seq, kind)) }
+
+func (l *memLog) commit(seq uint64, kind EventKind) {
+	l.store(seq, kind)
+	l.feed.publish(l.event(seq, kind))
+}
+
+func (l *memLog) load(_ context.Context, after uint64, limit int) ([]Event, error) {
+	l.reads++
+	var out []Event
+	for _, e := range l.events {
+		if e.Seq > after && len(out) < limit {
+			out = append(out, e)
+		}
+	}
+	if l.afterRead != nil {
+		l.afterRead(l.reads)
+	}
+	return out, nil
+}
+
 func TestRecoveryEndsInterruptedJobs(t *testing.T) {
 	dir := t.TempDir()
 	path := dir + "/progress.db"
@@ -154,37 +190,22 @@ func TestSeamWhenRingOverflowsDuringReplay(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ev := func(seq uint64, kind EventKind) Event {
-		return Event{JobID: "job", Seq: seq, Kind: kind, Data: []byte("{}")}
-	}
-	var log []Event
-	commit := func(seq uint64, kind EventKind) {
-		log = append(log, ev(seq, kind))
-		f.publish(ev(seq, kind))
-	}
+	log := &memLog{feed: f}
 	for seq := uint64(1); seq <= 5; seq++ {
-		log = append(log, ev(seq, KindProgress)) // committed before the subscriber watched
+		log.store(seq, KindProgress) // committed before the subscriber watched
 	}
-	loads := 0
-	load := func(_ context.Context, after uint64, limit int) ([]Event, error) {
-		loads++
-		var out []Event
-		for _, e := range log {
-			if e.Seq > after && len(out) < limit {
-				out = append(out, e)
-			}
-		}
-		if loads == 2 {
+	log.afterRead = func(reads int) {
+		if reads == 2 {
 			// The second read saw the log up to seq 5 (a snapshot, like a read transaction);
 			// before the subscriber looks at the ring, 15 more events land, more than the
 			// ring holds.
 			for seq := uint64(6); seq <= 19; seq++ {
-				commit(seq, KindProgress)
+				log.commit(seq, KindProgress)
 			}
-			commit(20, KindDone)
+			log.commit(20, KindDone)
 		}
-		return out, nil
 	}
+	load := log.load
 	sub := newSubscription(f, topic, "job", 0, load)
 	defer sub.Close()
 	seqs := follow(t, sub, 5*time.Second)
@@ -195,6 +216,44 @@ func TestSeamWhenRingOverflowsDuringReplay(t *testing.T) {
 	}
 	if len(seqs) != 20 {
 		t.Fatalf("saw %v, want 1..20", seqs)
+	}
+}
+
+// TestSubscriptionGoesLiveWithoutEmptyRead: a subscriber that reads each event only after the
+// next one is committed always finds the stored log one event ahead. It must switch to the
+// topic once the topic holds what follows, not keep reading the log (an XRANGE per event on
+// Redis) until a read finds nothing.
+func TestSubscriptionGoesLiveWithoutEmptyRead(t *testing.T) {
+	f := newFeed(4)
+	topic, err := f.watch("job")
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := &memLog{feed: f}
+	log.store(1, KindProgress) // before the watch
+	load := log.load
+	sub := newSubscription(f, topic, "job", 0, load)
+	defer sub.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	log.commit(2, KindProgress)
+	for seq := uint64(1); seq <= 10; seq++ {
+		ev, err := sub.Next(ctx)
+		if err != nil || ev.Seq != seq {
+			t.Fatalf("Next = seq %d, %v; want seq %d", ev.Seq, err, seq)
+		}
+		switch {
+		case seq < 8:
+			log.commit(seq+2, KindProgress) // the next but one, before this event is read
+		case seq == 8:
+			log.commit(10, KindDone)
+		}
+	}
+	if _, err := sub.Next(ctx); err != io.EOF {
+		t.Errorf("Next after done = %v, want io.EOF", err)
+	}
+	if log.reads != 1 {
+		t.Errorf("%d reads of the stored log, want 1 (the first): the subscription did not go live", log.reads)
 	}
 }
 

@@ -202,6 +202,56 @@ func TestAnnouncementCarriesTheEvent(t *testing.T) {
 	}
 }
 
+// TestLaggingSubscriberReadsNoStream: a subscriber that reads each event only after the next
+// one is written finds the job's stream one event ahead every time it looks. Once the
+// instance's reader has published the event it needs, it must take events from there, not read
+// the stream (an XRANGE per event).
+func TestLaggingSubscriberReadsNoStream(t *testing.T) {
+	srv := redistest.Start(t)
+	prefix := freshPrefix()
+	a, b := openTest(t, srv, prefix, Options{}), openTest(t, srv, prefix, Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	waitFor(t, "b's reader connected", 10*time.Second, func() bool { return b.tail.resyncs.Load() >= 1 })
+	j := runningJob(t, a)
+	report := func(seq uint64) {
+		t.Helper()
+		if _, err := a.Update(ctx, j.ID, func(j *store.Job) error {
+			j.Progress = &store.Progress{Message: strconv.FormatUint(seq, 10)}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	report(2)
+	sub, err := b.Subscribe(ctx, j.ID, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	// Seqs 1 and 2 were written before the subscription: it reads them from the stream.
+	if ev, ok, err := sub.Poll(ctx); !ok || err != nil || ev.Seq != 1 {
+		t.Fatalf("first Poll = %+v %v %v, want seq 1", ev, ok, err)
+	}
+	if err := a.rdb.ConfigResetStat(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	for seq := uint64(3); seq <= 12; seq++ {
+		report(seq)
+		select { // b's reader has published seq (the only change since the last wait)
+		case <-sub.Ready():
+		case <-ctx.Done():
+			t.Fatalf("b's reader never published seq %d", seq)
+		}
+		if ev, ok, err := sub.Poll(ctx); !ok || err != nil || ev.Seq != seq-1 {
+			t.Fatalf("Poll = %+v %v %v, want seq %d", ev, ok, err, seq-1)
+		}
+	}
+	if n := serverCalls(t, a.rdb, "xrange"); n != 0 {
+		t.Fatalf("10 events read one behind the stream: %d stream reads, want 0", n)
+	}
+}
+
 // TestOwnVersionAfterRedisLostIt: Redis loses an instance's acknowledged write (a crash under
 // appendfsync everysec), and another instance stores a different version under the same seq.
 // The first instance's next change, made from the version it remembers, is refused by the
