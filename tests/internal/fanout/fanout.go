@@ -98,6 +98,7 @@ func Main(args []string) int {
 	window := fs.Duration("window", 20*time.Second, "the measured window")
 	streams := fs.Int("streams", 100, "SSE streams per HTTP/2 connection")
 	profile := fs.Bool("profile", false, "take a CPU profile of Caddy over each window (admin /debug/pprof/profile) and print its top")
+	serverLines = "" // fs.Func has no default: a flag of an earlier Main must not linger
 	fs.Func("caddy-servers", "lines for the global `servers` block of every Caddy, separated by semicolons (e.g. `timeouts {;write_idle -1s;}` turns off Caddy's write idle timeout)", func(v string) error {
 		serverLines = strings.ReplaceAll(v, ";", "\n")
 		return nil
