@@ -49,6 +49,9 @@ type boltStore struct {
 	journalCommits  *committer
 	stopCheckpoints chan struct{}
 	checkpointing   sync.WaitGroup
+	// checkpointMu makes checkpoints one at a time: two at once would both take the sealed
+	// file, and the later release would free the file that was sealed after it.
+	checkpointMu sync.Mutex
 
 	stopSweep chan struct{}
 	sweeping  sync.WaitGroup

@@ -578,8 +578,12 @@ func (s *boltStore) checkpointLoop() {
 	}
 }
 
-// checkpoint copies the changes of one journal file into bbolt and frees the file.
+// checkpoint copies the changes of one journal file into bbolt and frees the file: the sealed
+// file if there is one, else the active file. Two calls in a row, with no write between,
+// leave every journaled change in bbolt.
 func (s *boltStore) checkpoint() error {
+	s.checkpointMu.Lock()
+	defer s.checkpointMu.Unlock()
 	file, changes, ok := s.journal.seal()
 	if !ok {
 		return nil
