@@ -111,16 +111,22 @@ func (s *boltStore) put(tx *bolt.Tx, c *change) error {
 	if err := tx.Bucket(bucketJobs).Put(c.id[:], c.rec); err != nil {
 		return err
 	}
-	events := tx.Bucket(bucketEvents)
-	if err := events.Put(eventKey(c.id, c.job.Seq), c.evV); err != nil {
+	if err := s.appendEvent(tx.Bucket(bucketEvents), c.id, c.job.Seq, c.evV); err != nil {
 		return err
 	}
-	if keep := uint64(s.opts.MaxEventsPerJob); c.job.Seq > keep {
-		if err := events.Delete(eventKey(c.id, c.job.Seq-keep)); err != nil {
-			return err
-		}
-	}
 	return s.index(tx, c.prev, c.job, c.id)
+}
+
+// appendEvent stores a job's event of seq and compacts its log: the log keeps the newest
+// MaxEventsPerJob events (withPending reads the journal's changes by the same rule).
+func (s *boltStore) appendEvent(events *bolt.Bucket, id rawID, seq uint64, v []byte) error {
+	if err := events.Put(eventKey(id, seq), v); err != nil {
+		return err
+	}
+	if keep := uint64(s.opts.MaxEventsPerJob); seq > keep {
+		return events.Delete(eventKey(id, seq-keep))
+	}
+	return nil
 }
 
 // write prepares and stores j as the next version of prev inside tx, for the writes that read

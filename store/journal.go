@@ -457,7 +457,6 @@ func (s *boltStore) applyJournaled(tx *bolt.Tx, entries []journalEntry) error {
 	for i := range entries {
 		newest[entries[i].id] = i
 	}
-	keep := uint64(s.opts.MaxEventsPerJob)
 	for i := range entries {
 		e := &entries[i] // bbolt keeps keys and values until the commit: they must not move
 		seq, ok := stored[e.id]
@@ -476,13 +475,8 @@ func (s *boltStore) applyJournaled(tx *bolt.Tx, entries []journalEntry) error {
 				return err
 			}
 		}
-		if err := events.Put(eventKey(e.id, e.seq), e.ev); err != nil {
+		if err := s.appendEvent(events, e.id, e.seq, e.ev); err != nil {
 			return err
-		}
-		if e.seq > keep {
-			if err := events.Delete(eventKey(e.id, e.seq-keep)); err != nil {
-				return err
-			}
 		}
 		stored[e.id] = e.seq
 	}
