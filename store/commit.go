@@ -44,6 +44,14 @@ type op struct {
 	result    chan error // the write's outcome, or errLead first
 }
 
+// finish answers o with its outcome; a durable write (err nil) is published first.
+func (o *op) finish(err error) {
+	if err == nil && o.published != nil {
+		o.published()
+	}
+	o.result <- err
+}
+
 // errLead, sent to a waiting writer, hands it the lead.
 var errLead = errors.New("store: lead the next commit")
 
@@ -142,17 +150,10 @@ func (c boltCommits) commit(batch []*op) {
 		c.observe(time.Since(began), len(batch))
 	}
 	switch {
-	case err == nil:
+	case err == nil || failed < 0 || len(batch) == 1:
+		// Committed; or the commit itself failed (a full disk, say), or the lone op did.
 		for _, o := range batch {
-			if o.published != nil {
-				o.published()
-			}
-			o.result <- nil
-		}
-	case failed < 0 || len(batch) == 1:
-		// The commit itself failed (a full disk, say), or the lone op did.
-		for _, o := range batch {
-			o.result <- err
+			o.finish(err)
 		}
 	default:
 		c.commit(batch[:failed])

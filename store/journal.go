@@ -208,14 +208,11 @@ func (j *journal) write(batch []*op) {
 		j.observe(time.Since(began), len(batch))
 	}
 	for i, o := range batch {
-		if i >= durable {
-			o.result <- err
-			continue
+		if i < durable {
+			o.finish(nil)
+		} else {
+			o.finish(err)
 		}
-		if o.published != nil {
-			o.published()
-		}
-		o.result <- nil
 	}
 }
 
