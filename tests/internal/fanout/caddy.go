@@ -37,13 +37,18 @@ const (
 	observeOn      = "on"  // metrics on, `tracing` on both sites, spans exported over OTLP/HTTP to a sink here
 )
 
+// splitCaddyBin splits a -caddy-bin entry, `path` or `path;progress option`, so that one run
+// can compare settings of one binary.
+func splitCaddyBin(entry string) (path, progress string) {
+	path, progress, _ = strings.Cut(entry, ";")
+	return path, progress
+}
+
 // startCaddy starts Caddy with a fresh store (fsync on, as always) and GC tracing in its log;
-// with h3 its TLS site also serves HTTP/3; observe is one of the observe* settings.
-//
-// bin may carry lines for the global `progress` block after a semicolon (see -caddy-bin), so
-// that one run can compare settings of one binary.
+// with h3 its TLS site also serves HTTP/3; observe is one of the observe* settings. bin is a
+// -caddy-bin entry (splitCaddyBin).
 func startCaddy(bin, parent string, up *caddyrun.Upstream, h3 bool, observe string) (*caddyTarget, error) {
-	bin, progress, _ := strings.Cut(bin, ";")
+	bin, progress := splitCaddyBin(bin)
 	o := caddyrun.Options{Env: []string{"GODEBUG=gctrace=1"}, HTTP3: h3, Progress: progress, Servers: serverLines}
 	var sink *caddyrun.OTLPSink
 	switch observe {

@@ -511,7 +511,7 @@ func printTable(all []*result) {
 }
 
 func printProfile(root, caddyBin, self, path string) {
-	caddyBin, _, _ = strings.Cut(caddyBin, ";")
+	caddyBin, _ = splitCaddyBin(caddyBin)
 	bin := caddyBin
 	if strings.HasSuffix(path, "-harness.pprof") {
 		bin = self
@@ -542,7 +542,7 @@ func printProfile(root, caddyBin, self, path string) {
 // printTrace prints where the traced goroutines waited: in system calls (fdatasync among
 // them), for a CPU (scheduler latency), on synchronisation and on the network.
 func printTrace(root, caddyBin, path string) {
-	caddyBin, _, _ = strings.Cut(caddyBin, ";")
+	caddyBin, _ = splitCaddyBin(caddyBin)
 	if _, err := os.Stat(path); err != nil {
 		return
 	}

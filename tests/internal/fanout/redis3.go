@@ -35,7 +35,7 @@ func startRedis3(bin, parent string, up *caddyrun.Upstream, h3 bool, appendfsync
 	t := &redis3Target{redis: rs}
 	secret := make([]byte, 32)
 	rand.Read(secret)
-	bin, progress, _ := strings.Cut(bin, ";") // as for startCaddy (-caddy-bin)
+	bin, progress := splitCaddyBin(bin)
 	o := caddyrun.Options{Env: []string{"GODEBUG=gctrace=1"}, HTTP3: h3, Store: rs.URL(), Servers: serverLines,
 		Progress: "\t\tcallback_secret " + hex.EncodeToString(secret) + "\n" + progress}
 	for range 3 {
